@@ -1,0 +1,219 @@
+"""ModelConfig: the facts of one checkpoint, read from its own config.json.
+
+The InternLM2 config class shipped with the checkpoints has defaults that are wrong for
+every published model (bias=True, rope_theta=10000, vocab 103168, eps 1e-6), so nothing
+here falls back to those: required fields must be in config.json. `auto_map` is ignored
+and no code from the checkpoint directory is ever imported.
+
+Published sizes (all: 8 KV heads, head_dim 128, vocab 92544, rope_theta 1e6, 32768 positions,
+rms_norm_eps 1e-5, bias false, untied embeddings):
+    1.8B: hidden 2048, 16 heads, 24 layers, ffn 8192
+    7B:   hidden 4096, 32 heads, 32 layers, ffn 14336
+    20B:  hidden 6144, 48 heads, 48 layers, ffn 16384
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# Architectures whose weights we can read: the native layout and the Llama layout written by
+# our converter (or InternLM's own conversion tool).
+LAYOUTS = {"InternLM2ForCausalLM": "internlm2", "LlamaForCausalLM": "llama"}
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a model we can run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    type: str  # "linear" or "dynamic" (NTK-aware, as the official InternLM2 code)
+    factor: float
+
+    def __post_init__(self) -> None:
+        if self.type not in ("linear", "dynamic"):
+            raise ConfigError(f"rope_scaling.type must be 'linear' or 'dynamic', got {self.type!r}")
+        if not self.factor >= 1.0:
+            raise ConfigError(f"rope_scaling.factor must be >= 1, got {self.factor!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    num_hidden_layers: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    rope_scaling: RopeScaling | None = None
+    bias: bool = False
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int = 1
+    eos_token_id: tuple[int, ...] = (2,)
+    pad_token_id: int | None = 2
+    layout: str = "internlm2"  # which weight names the checkpoint uses
+    source: str = field(default="<memory>", compare=False)
+
+    def __post_init__(self) -> None:
+        where = f"{self.source}: "
+        for name in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "num_hidden_layers", "vocab_size", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{where}{name} must be a positive integer, got {v!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{where}hidden_size {self.hidden_size} is not divisible by "
+                              f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"{where}num_attention_heads {self.num_attention_heads} is not a multiple "
+                              f"of num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"{where}head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.bias:
+            raise ConfigError(f"{where}bias=true is not supported (no published InternLM2 uses it)")
+        if self.torch_dtype not in DTYPES:
+            raise ConfigError(f"{where}torch_dtype must be one of {sorted(DTYPES)}, got {self.torch_dtype!r}")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"{where}rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"{where}rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.eos_token_id:
+            raise ConfigError(f"{where}eos_token_id must name at least one token")
+        if self.layout not in LAYOUTS.values():
+            raise ConfigError(f"{where}unknown layout {self.layout!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def valid_tp_degrees(self, limit: int = 64) -> list[int]:
+        return [tp for tp in range(1, limit + 1) if tp_error(self, tp) is None]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("source")
+        d["eos_token_id"] = list(self.eos_token_id)
+        return d
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelConfig":
+        p = Path(path) / "config.json"
+        if not Path(path).is_dir():
+            raise ConfigError(f"model.path {str(path)!r} is not a directory")
+        if not p.is_file():
+            raise ConfigError(f"{p}: config.json is missing; model.path must be a Hugging Face "
+                              "checkpoint directory")
+        try:
+            raw = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read config.json: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: config.json must hold a JSON object")
+        gen = Path(path) / "generation_config.json"
+        gen_eos = None
+        if gen.is_file():
+            try:
+                gen_eos = json.loads(gen.read_text()).get("eos_token_id")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ConfigError(f"{gen}: cannot read generation_config.json: {e}") from e
+        return cls.from_dict(raw, source=str(p), generation_eos=gen_eos)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>",
+                  generation_eos: Any = None) -> "ModelConfig":
+        archs = raw.get("architectures") or ["InternLM2ForCausalLM"]
+        layout = next((LAYOUTS[a] for a in archs if a in LAYOUTS), None)
+        if layout is None:
+            raise ConfigError(f"{source}: architectures {archs} is not one of {sorted(LAYOUTS)}")
+        required = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
+                    "vocab_size", "rms_norm_eps", "rope_theta", "max_position_embeddings")
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise ConfigError(f"{source}: missing required field(s) {missing} (the config class "
+                              "defaults are wrong for the published models, so none is assumed)")
+        rs = raw.get("rope_scaling")
+        if rs is not None:
+            if not isinstance(rs, dict) or "factor" not in rs:
+                raise ConfigError(f"{source}: rope_scaling must be null or "
+                                  f'{{"type": "dynamic"|"linear", "factor": f}}, got {rs!r}')
+            kind = rs.get("type", rs.get("rope_type"))
+            rs = RopeScaling(type=kind, factor=float(rs["factor"]))
+        eos = generation_eos if generation_eos is not None else raw.get("eos_token_id", 2)
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+        # Merge the model's own eos with generation_config's list (chat models add <|im_end|>).
+        base_eos = raw.get("eos_token_id", 2)
+        for e in base_eos if isinstance(base_eos, list) else [base_eos]:
+            if int(e) not in eos_ids:
+                eos_ids = (int(e),) + eos_ids
+        return cls(
+            hidden_size=raw["hidden_size"],
+            num_attention_heads=raw["num_attention_heads"],
+            num_key_value_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            vocab_size=raw["vocab_size"],
+            rms_norm_eps=float(raw["rms_norm_eps"]),
+            rope_theta=float(raw["rope_theta"]),
+            max_position_embeddings=raw["max_position_embeddings"],
+            rope_scaling=rs,
+            bias=bool(raw.get("bias", raw.get("attention_bias", False))),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+            bos_token_id=int(raw.get("bos_token_id", 1)),
+            eos_token_id=eos_ids,
+            pad_token_id=raw.get("pad_token_id"),
+            layout=layout,
+            source=source,
+        )
+
+
+def tp_error(cfg: ModelConfig, tp: int) -> str | None:
+    """Why `tp` cannot shard this model, or None when it can.
+
+    A rank must hold whole KV groups (tp divides the KV heads), or, past the KV head count,
+    an equal share of one group's q heads with that group's KV head replicated
+    (tp a multiple of the KV heads). Either way tp must divide the q heads.
+    """
+    if tp < 1:
+        return "tensor parallel degree must be >= 1"
+    h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if h % tp:
+        return f"tp={tp} does not divide the {h} attention heads"
+    if kv % tp and tp % kv:
+        return f"tp={tp} neither divides nor is a multiple of the {kv} KV heads"
+    return None
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    err = tp_error(cfg, tp)
+    if err:
+        raise ConfigError(f"parallel.tp: {err}; valid degrees for {cfg.source}: "
+                          f"{cfg.valid_tp_degrees()}")
+
+
+def resolve_dtype(name: str, cfg: ModelConfig, device_type: str) -> torch.dtype:
+    """`auto` takes the checkpoint's dtype, except fp16 on CPU (unusably slow there) becomes bf16."""
+    if name == "auto":
+        dt = DTYPES[cfg.torch_dtype]
+        return torch.bfloat16 if (dt == torch.float16 and device_type == "cpu") else dt
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]

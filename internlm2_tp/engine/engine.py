@@ -1,0 +1,226 @@
+"""The step loop: scheduler -> model forward over the paged cache -> sampler -> stop rules.
+
+Every rank of a tensor-parallel group runs this same loop on the same requests. The model's
+collectives are the only communication; all ranks see bitwise-identical gathered logits, and the
+sampler is a pure function of (logits, row seed, step), so every rank picks the same token.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from internlm2_tp.attention import AttentionMetadata
+from internlm2_tp.engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_token
+from internlm2_tp.engine.sampler import BatchSamplingState, SamplingParams, sample
+from internlm2_tp.engine.scheduler import Scheduler, SchedulerConfig
+from internlm2_tp.engine.sequence import Sequence
+from internlm2_tp.model import InternLM2Model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 128             # 128 as the Ascend attention kernels expect
+    max_num_seqs: int = 256           # sequences in flight per step
+    max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
+    max_model_len: int = 0            # 0: the model's context (times the rope scaling factor)
+    enable_prefix_caching: bool = True
+    kv_cache_gb: float = 0.0          # 0: 90% of free device memory on cuda/npu, 2 GiB on cpu
+    num_kv_blocks: int = 0            # > 0 overrides kv_cache_gb (tests force preemption with it)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "num_kv_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"engine.{name} must be >= 0, got {getattr(self, name)}")
+        if self.kv_cache_gb < 0:
+            raise ValueError(f"engine.kv_cache_gb must be >= 0, got {self.kv_cache_gb}")
+
+
+@dataclass
+class RuntimeFacts:
+    """What the engine found out at start (not configuration)."""
+    num_blocks: int
+    block_size: int
+    cache_tokens: int
+    kv_bytes_per_token: int           # per rank
+    weight_bytes: int                 # per rank
+    max_model_len: int
+    eos_ids: tuple[int, ...]
+
+    def describe(self) -> str:
+        return (f"weights {self.weight_bytes / 2**30:.2f} GiB/rank; KV {self.kv_bytes_per_token} "
+                f"B/token/rank; cache {self.num_blocks} blocks x {self.block_size} = "
+                f"{self.cache_tokens} tokens; max_model_len {self.max_model_len}")
+
+
+@dataclass
+class Finished:
+    request_id: Any
+    prompt_tokens: int
+    output_ids: list[int]
+    finish_reason: str                # "stop" or "length"
+    stop_text: str | None = None      # the stop string that ended it, if any
+
+
+def plan_cache(model: InternLM2Model, cfg: EngineConfig, eos_ids: tuple[int, ...]) -> RuntimeFacts:
+    mc, dev = model.cfg, model.device
+    per_tok = kv_bytes_per_token(mc.num_hidden_layers, model.kv_heads_local, mc.head_dim, model.dtype)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if cfg.num_kv_blocks:
+        blocks = cfg.num_kv_blocks
+    else:
+        if cfg.kv_cache_gb:
+            budget = cfg.kv_cache_gb * 2**30
+        elif dev.type == "cpu":
+            budget = 2 * 2**30
+        else:
+            free, _ = getattr(torch, dev.type).mem_get_info(dev)
+            budget = 0.9 * free
+        blocks = max(1, int(budget // (per_tok * cfg.block_size)))
+    ctx = mc.max_position_embeddings * (mc.rope_scaling.factor if mc.rope_scaling else 1)
+    max_len = min(cfg.max_model_len or int(ctx), blocks * cfg.block_size)
+    return RuntimeFacts(blocks, cfg.block_size, blocks * cfg.block_size, per_tok, weights,
+                        max_len, eos_ids)
+
+
+class Engine:
+    def __init__(self, model: InternLM2Model, cfg: EngineConfig, eos_ids: tuple[int, ...],
+                 tokenizer: Any = None):
+        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.facts = plan_cache(model, cfg, eos_ids)
+        mc = model.cfg
+        dyn = mc.rope_scaling is not None and mc.rope_scaling.type == "dynamic"
+        self.blocks = BlockManager(self.facts.num_blocks, cfg.block_size,
+                                   cfg.enable_prefix_caching,
+                                   mc.max_position_embeddings if dyn else None)
+        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens),
+                                   self.blocks)
+        self.kv_caches = allocate_kv_caches(mc.num_hidden_layers, self.facts.num_blocks,
+                                            cfg.block_size, model.kv_heads_local, mc.head_dim,
+                                            model.dtype, model.device)
+        self._next_id = 0
+        self.steps = 0
+        self.tokens_generated = 0
+
+    def add_request(self, request_id: Any, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError(f"row {request_id!r}: empty prompt")
+        if len(prompt_ids) >= self.facts.max_model_len:
+            raise ValueError(f"row {request_id!r}: prompt of {len(prompt_ids)} tokens leaves no "
+                             f"room to generate within max_model_len {self.facts.max_model_len}")
+        seq = Sequence(self._next_id, request_id, list(prompt_ids), params)
+        if params.stop and self.tokenizer is not None:
+            from internlm2_tp.tokenizer import IncrementalDetokenizer
+            seq.detok = IncrementalDetokenizer(self.tokenizer)
+        self._next_id += 1
+        self.scheduler.add(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def num_unfinished(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    def _metadata(self, step) -> tuple[torch.Tensor, AttentionMetadata, list[Sequence]]:
+        ids: list[int] = []
+        pos: list[int] = []
+        rope: list[int] = []
+        slots: list[int] = []
+        last: list[int] = []
+        sampled: list[Sequence] = []
+        bs = self.cfg.block_size
+        for seq, n in zip(step.seqs, step.num_new):
+            start = seq.num_computed
+            ids += seq.tokens(start, start + n)
+            rng = range(start, start + n)
+            pos += rng
+            rope += [seq.rope_length(p) for p in rng]
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in rng]
+        offset = 0
+        for seq, n, s in zip(step.seqs, step.num_new, step.samples):
+            offset += n
+            if s:
+                last.append(offset - 1)
+                sampled.append(seq)
+        width = max(len(s.block_table) for s in step.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in step.seqs]
+        ctx = [s.num_computed + n for s, n in zip(step.seqs, step.num_new)]
+        dev = self.model.device
+
+        def t(x: list) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.long, device=dev)
+
+        meta = AttentionMetadata(
+            positions=t(pos), rope_lengths=t(rope), slot_mapping=t(slots), block_tables=t(tables),
+            context_lens=t(ctx), query_lens=t(step.num_new), logits_indices=t(last),
+            max_query_len=max(step.num_new), max_context_len=max(ctx))
+        return t(ids), meta, sampled
+
+    def step(self) -> list[Finished]:
+        step = self.scheduler.schedule()
+        if not step.seqs:
+            return []
+        input_ids, meta, sampled = self._metadata(step)
+        # Run even when no sequence samples (all mid-prefill chunks): the cache must be filled.
+        logits = self.model(input_ids, meta, self.kv_caches)                   # [B_sampled, V]
+        for seq, n in zip(step.seqs, step.num_new):
+            seq.num_computed += n
+            self.blocks.register_full_blocks(seq)
+        self.steps += 1
+        if not sampled:
+            return []
+        tokens = self._sample(logits, sampled).tolist()
+        done: list[Finished] = []
+        for seq, tok in zip(sampled, tokens):
+            seq.output_ids.append(tok)
+            self.tokens_generated += 1
+            reason, stop_text = self._stop(seq, tok)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                done.append(Finished(seq.request_id, seq.prompt_len, seq.output_ids, reason,
+                                     stop_text))
+        return done
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        state = BatchSamplingState.build([s.params for s in seqs])
+        step = torch.tensor([len(s.output_ids) for s in seqs], dtype=torch.long)
+        prev = None
+        if state.any_penalty:
+            rows = [s.prompt_ids + s.output_ids for s in seqs]
+            width = max(len(r) for r in rows)
+            prev = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
+        return sample(logits.cpu(), state, step, prev)
+
+    def _stop(self, seq: Sequence, tok: int) -> tuple[str | None, str | None]:
+        p = seq.params
+        if not p.ignore_eos and tok in self.facts.eos_ids:
+            return "stop", None
+        if tok in p.stop_token_ids:
+            return "stop", None
+        if seq.detok is not None:
+            seq.detok.add(tok)
+            tail = seq.detok.text[-(max(len(s) for s in p.stop) + 16):]
+            hit = next((s for s in p.stop if s in tail), None)
+            if hit is not None:
+                return "stop", hit
+        if len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= self.facts.max_model_len:
+            return "length", None
+        return None, None
+
+    def generate(self, requests: list[tuple[Any, list[int], SamplingParams]]) -> list[Finished]:
+        """Run requests to completion; results in request order."""
+        for rid, ids, params in requests:
+            self.add_request(rid, ids, params)
+        out: dict[Any, Finished] = {}
+        while self.has_work():
+            for f in self.step():
+                out[f.request_id] = f
+        return [out[rid] for rid, _, _ in requests]

@@ -1,0 +1,267 @@
+"""Vectorized, rank-deterministic token sampling for a running batch.
+
+Every tensor-parallel rank calls :func:`sample` with bitwise-identical full-vocab
+fp32 logits and must pick the same token.  Randomness is therefore a pure function
+of ``(row seed, index of the token being generated)``: a splitmix64-style hash
+computed with int64 torch ops (no global RNG, no shared ``torch.Generator``), so a
+row yields the same tokens whatever batch it is in and wherever it sits in it.
+
+Per step there are no per-row Python loops: the batch is handled by a few [B] / [B, V]
+tensor ops.  The full vocab is sorted only when some row uses top-k or top-p.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _s64(c: int) -> int:
+    """Reinterpret an unsigned 64-bit constant as a signed int64."""
+    return c - (1 << 64) if c >= (1 << 63) else c
+
+
+_GOLDEN = _s64(0x9E3779B97F4A7C15)
+_MIX1 = _s64(0xBF58476D1CE4E5B9)
+_MIX2 = _s64(0x94D049BB133111EB)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0          # 0 -> greedy
+    top_p: float = 1.0                # (0, 1]
+    top_k: int = 0                    # 0 = off
+    repetition_penalty: float = 1.0   # HF semantics, > 0
+    seed: int = 0                     # any int64
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()        # stop strings: handled by the engine
+
+    def __post_init__(self) -> None:
+        def bad(field: str, msg: str) -> ValueError:
+            return ValueError(f"SamplingParams.{field} {msg}, got {getattr(self, field)!r}")
+
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "must be an int >= 1")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t >= 0 or t == float("inf"):
+            raise bad("temperature", "must be a finite number >= 0")
+        p = self.top_p
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise bad("top_k", "must be an int: 0 (off) or >= 1")
+        r = self.repetition_penalty
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 < r < float("inf"):
+            raise bad("repetition_penalty", "must be a finite number > 0")
+        if not is_int(self.seed) or not _I64_MIN <= self.seed <= _I64_MAX:
+            raise bad("seed", "must be an int in the int64 range")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "must be a bool")
+        # Accept lists for convenience; store tuples so the dataclass stays hashable.
+        ids = self.stop_token_ids
+        if isinstance(ids, (list, tuple)):
+            object.__setattr__(self, "stop_token_ids", ids := tuple(ids))
+        if not isinstance(ids, tuple) or not all(is_int(i) and i >= 0 for i in ids):
+            raise bad("stop_token_ids", "must be a tuple of non-negative ints")
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if isinstance(stop, list):
+            stop = tuple(stop)
+        object.__setattr__(self, "stop", stop)
+        if not isinstance(stop, tuple) or not all(isinstance(s, str) and s for s in stop):
+            raise bad("stop", "must be a tuple of non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# ---------------------------------------------------------------------------- RNG
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64: arithmetic shift, then mask off the sign fill."""
+    return torch.bitwise_and(torch.bitwise_right_shift(x, s), (1 << (64 - s)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finalizer on int64 (multiplication wraps modulo 2**64)."""
+    z = torch.bitwise_xor(z, _shr(z, 30)) * _MIX1
+    z = torch.bitwise_xor(z, _shr(z, 27)) * _MIX2
+    return torch.bitwise_xor(z, _shr(z, 31))
+
+
+def hash_bits(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """64 pseudo-random bits (as int64) that depend only on (seed, step), elementwise."""
+    seed, step = torch.broadcast_tensors(seed.to(torch.int64), step.to(torch.int64))
+    k = _mix64(seed + _GOLDEN)
+    return _mix64(torch.bitwise_xor(k, (step + 1) * _GOLDEN))
+
+
+def hash_uniform(seed: torch.Tensor, step: torch.Tensor, bits: int = 24) -> torch.Tensor:
+    """Uniform in [0, 1) from the top ``bits`` hash bits; exact (never rounds to 1).
+
+    bits <= 24 gives float32, 25..53 gives float64.
+    """
+    if not 1 <= bits <= 53:
+        raise ValueError(f"bits must be in [1, 53], got {bits}")
+    dtype = torch.float32 if bits <= 24 else torch.float64
+    return _shr(hash_bits(seed, step), 64 - bits).to(dtype) * (2.0 ** -bits)
+
+
+# ---------------------------------------------------------------------------- state
+@dataclass
+class BatchSamplingState:
+    temperature: torch.Tensor   # [B] float32, 0 for greedy rows
+    top_p: torch.Tensor         # [B] float32
+    top_k: torch.Tensor         # [B] int64, 0 = off
+    penalty: torch.Tensor       # [B] float32
+    seed: torch.Tensor          # [B] int64
+    max_new_tokens: torch.Tensor  # [B] int64
+    stop_ids: torch.Tensor      # [B, S] int64, padded with -1 (eos unless ignore_eos + stop_token_ids)
+    all_greedy: bool
+    any_greedy: bool
+    max_top_k: int              # max over rows (0 if none): width of the top-k fast path
+    any_top_p: bool
+    any_top_k: bool
+    any_penalty: bool
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], eos_ids: tuple[int, ...] = (),
+              device: torch.device | str | None = None) -> "BatchSamplingState":
+        def t(vals, dtype):
+            return torch.tensor(vals, dtype=dtype, device=device)
+
+        stops = [tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(eos_ids)) for p in params]
+        width = max((len(s) for s in stops), default=0)
+        return cls(
+            temperature=t([p.temperature for p in params], torch.float32),
+            top_p=t([p.top_p for p in params], torch.float32),
+            top_k=t([p.top_k for p in params], torch.int64),
+            penalty=t([p.repetition_penalty for p in params], torch.float32),
+            seed=t([p.seed for p in params], torch.int64),
+            max_new_tokens=t([p.max_new_tokens for p in params], torch.int64),
+            stop_ids=t([list(s) + [-1] * (width - len(s)) for s in stops], torch.int64).view(len(params), width),
+            all_greedy=all(p.greedy for p in params),
+            any_greedy=any(p.greedy for p in params),
+            max_top_k=max((p.top_k for p in params), default=0),
+            any_top_p=any(p.top_p < 1 and not p.greedy for p in params),
+            any_top_k=any(p.top_k > 0 and not p.greedy for p in params),
+            any_penalty=any(p.repetition_penalty != 1 for p in params),
+        )
+
+    def to(self, device: torch.device | str) -> "BatchSamplingState":
+        tensors = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return BatchSamplingState(**{**vars(self), **tensors})
+
+
+# ---------------------------------------------------------------------------- sampling
+def apply_repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor,
+                             prev_token_ids: torch.Tensor) -> torch.Tensor:
+    """HF semantics: seen tokens get logit/p if logit > 0 else logit*p. Returns a new tensor."""
+    b, v = logits.shape
+    ids = prev_token_ids.to(device=logits.device, dtype=torch.int64)
+    ids = torch.where((ids < 0) | (ids >= v), v, ids)          # padding -> spare column
+    seen = torch.zeros(b, v + 1, dtype=torch.bool, device=logits.device)
+    seen.scatter_(1, ids, True)
+    p = penalty.to(logits.device, logits.dtype).unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen[:, :v], penalized, logits)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index i with cdf[i-1] <= u*total < cdf[i]; zero-probability entries never win."""
+    cdf = torch.cumsum(probs, dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(u.to(cdf.dtype).unsqueeze(1) * total,
+                           torch.nextafter(total, torch.zeros_like(total)))
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+def _filter_threshold(scaled: torch.Tensor, state: BatchSamplingState) -> torch.Tensor:
+    """[B, 1] lowest kept logit after top-k then top-p (-inf where a row keeps all)."""
+    dev, v = scaled.device, scaled.shape[-1]
+    neg_inf = torch.tensor(float("-inf"), device=dev)
+    k = state.top_k.to(dev).clamp(max=v)
+    if not state.any_top_p:  # top-k only: a partial top-k instead of a full sort
+        vals = torch.topk(scaled, min(state.max_top_k, v), dim=-1).values
+        kth = vals.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
+        return torch.where(k.unsqueeze(1) > 0, kth, neg_inf)
+    ordered = torch.sort(scaled, dim=-1, descending=True).values
+    if state.any_top_k:
+        kth = ordered.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
+        ordered = ordered.masked_fill((k.unsqueeze(1) > 0) & (ordered < kth), float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    cum = torch.cumsum(probs, dim=-1)
+    mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)  # monotone
+    top_p = state.top_p.to(dev).unsqueeze(1)
+    keep = ((mass_before < top_p) | (top_p >= 1)) & (ordered > float("-inf"))
+    n_keep = keep.sum(dim=-1, keepdim=True).clamp(min=1)  # keep is a prefix; >= 1 token
+    return ordered.gather(1, n_keep - 1)
+
+
+def sample(logits: torch.Tensor, state: BatchSamplingState, step: torch.Tensor,
+           prev_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick one token per row. logits [B, V] fp32, step [B] int64 -> [B] int64."""
+    dev = logits.device
+    if state.any_penalty:
+        if prev_token_ids is None:
+            raise ValueError("prev_token_ids is required when a row has repetition_penalty != 1")
+        logits = apply_repetition_penalty(logits, state.penalty, prev_token_ids)
+    if state.all_greedy:
+        return torch.argmax(logits, dim=-1)
+
+    temp = state.temperature.to(dev)
+    greedy = temp == 0
+    # Subtract the row max before dividing so a tiny temperature cannot overflow to inf.
+    row_max = logits.max(dim=-1, keepdim=True).values
+    scaled = (logits - row_max) / torch.where(greedy, 1.0, temp).unsqueeze(1)
+    step = step.to(dev)
+    u = hash_uniform(state.seed.to(dev), step)
+
+    if state.any_top_k or state.any_top_p:
+        # Filters become a per-row logit threshold (keep scaled >= thr, ties at the
+        # boundary kept, as in HF). Thresholds are exact element values, so the top-k
+        # fast path and the full-sort path agree bitwise and every row, filtered or
+        # not, draws by inverse CDF in vocab order (independent of the batch).
+        scaled = scaled.masked_fill(scaled < _filter_threshold(scaled, state), float("-inf"))
+    # scaled <= 0, so exp() cannot overflow; _inverse_cdf normalises by the total itself.
+    picked = _inverse_cdf(torch.exp(scaled), u)
+
+    if state.any_greedy:
+        picked = torch.where(greedy, torch.argmax(logits, dim=-1), picked)
+    return picked
+
+
+# ---------------------------------------------------------------------------- stopping
+def check_stop(token: int, params: SamplingParams, eos_ids: tuple[int, ...],
+               num_generated: int) -> str | None:
+    """"stop" for eos (unless ignore_eos) or a stop token id, "length" at the budget, else None."""
+    if (token in eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        return "stop"
+    if num_generated >= params.max_new_tokens:
+        return "length"
+    return None
+
+
+STOP_NONE, STOP_TOKEN, STOP_LENGTH = 0, 1, 2
+
+
+def check_stop_batch(tokens: torch.Tensor, state: BatchSamplingState,
+                     num_generated: torch.Tensor) -> torch.Tensor:
+    """Vectorized check_stop: [B] int64 codes STOP_NONE / STOP_TOKEN / STOP_LENGTH.
+
+    Uses ``state.stop_ids``, so the eos ids must have been passed to ``build``.
+    """
+    stop_ids = state.stop_ids.to(tokens.device)
+    hit = (stop_ids == tokens.unsqueeze(1)).any(dim=1)
+    length = num_generated.to(tokens.device) >= state.max_new_tokens.to(tokens.device)
+    code = torch.where(length, STOP_LENGTH, STOP_NONE)
+    return torch.where(hit, STOP_TOKEN, code).to(torch.int64)

@@ -1,0 +1,109 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Each step spends a token budget: running sequences first (one token each when decoding, a chunk
+when still prefilling), then waiting ones in arrival order. Long prompts are prefilled in chunks
+across steps. When the cache runs out of blocks the most recently admitted running sequence is
+preempted: its blocks are freed and it is recomputed later from its prompt plus what it had
+generated (never a crash). Everything here is deterministic: every rank of a group runs its own
+scheduler on the same inputs and makes the same decisions.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from internlm2_tp.engine.kv_cache import BlockManager
+from internlm2_tp.engine.sequence import Sequence, Status
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"engine.max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("engine.max_num_batched_tokens must be >= 1, got "
+                             f"{self.max_num_batched_tokens}")
+
+
+@dataclass
+class ScheduledStep:
+    seqs: list[Sequence]
+    num_new: list[int]          # tokens computed for each sequence this step
+    samples: list[bool]         # whether the step ends that sequence's known tokens (sample next)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager):
+        self.cfg, self.blocks = cfg, blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if self.blocks.blocks_for(seq.num_tokens + 1) > self.blocks.num_blocks:
+            raise ValueError(f"row {seq.request_id!r}: {seq.num_tokens} tokens cannot fit in a KV "
+                             f"cache of {self.blocks.num_blocks * self.blocks.block_size} tokens")
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, victim: Sequence) -> None:
+        self.running.remove(victim)
+        self.blocks.release(victim)
+        victim.status = Status.WAITING
+        victim.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+
+    def schedule(self) -> ScheduledStep:
+        budget = self.cfg.max_num_batched_tokens
+        step = ScheduledStep([], [], [])
+        # 1. running sequences, oldest first; make room by preempting the youngest.
+        for seq in sorted(self.running, key=lambda s: s.seq_id):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below on behalf of an older sequence
+            remaining = seq.num_tokens - seq.num_computed
+            n = min(remaining, budget)
+            while not self.blocks.reserve(seq, seq.num_computed + n):
+                victim = max(self.running, key=lambda s: s.seq_id)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            step.seqs.append(seq)
+            step.num_new.append(n)
+            step.samples.append(seq.num_computed + n == seq.num_tokens)
+            budget -= n
+        # 2. admit waiting sequences while budget, slots and blocks allow.
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            step.seqs.append(seq)
+            step.num_new.append(n)
+            step.samples.append(seq.num_computed + n == seq.num_tokens)
+            budget -= n
+        return step
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.running.remove(seq)
+        self.blocks.release(seq)

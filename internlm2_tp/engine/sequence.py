@@ -1,0 +1,55 @@
+"""One request's state inside the engine."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from internlm2_tp.engine.sampler import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: int                      # engine-local, admission order (the scheduler's FCFS key)
+    request_id: Any                  # the row id, carried back to the caller
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0            # tokens whose keys/values are in the cache
+    num_prefix_hits: int = 0         # of those, tokens that came from the prefix cache
+    num_hashed_blocks: int = 0       # leading full blocks already registered in the prefix cache
+    block_hashes: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    preemptions: int = 0
+    detok: Any = None                # IncrementalDetokenizer when the row has stop strings
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token(self, i: int) -> int:
+        p = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < p else self.output_ids[i - p]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+    def rope_length(self, pos: int) -> int:
+        """The length dynamic NTK uses for position `pos`: the prompt length for prompt
+        tokens, pos + 1 for generated ones (as the official model does for one request)."""
+        return max(len(self.prompt_ids), pos + 1)

@@ -1,0 +1,186 @@
+"""InternLM2 as a tensor-parallel model over a paged KV cache.
+
+Parameter names follow the checkpoint (`attention.wqkv`, `attention.wo`, `feed_forward.w1/w2/w3`
+with w1 and w3 stacked into one `w13` matmul, `attention_norm`, `ffn_norm`, `tok_embeddings`,
+`output`). WEIGHT_NAMES maps each parameter to its checkpoint tensor(s) in both layouts we read:
+InternLM2's own and the Llama layout our converter writes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from internlm2_tp import ops
+from internlm2_tp.attention import AttentionMetadata, paged_attention
+from internlm2_tp.checkpoint import CheckpointError, CheckpointReader
+from internlm2_tp.config import ModelConfig, check_tp
+from internlm2_tp.parallel.device import TPGroup
+from internlm2_tp.parallel.layers import (ColumnParallelLinear, MergedColumnParallelLinear,
+                                          ParallelLMHead, QKVParallelLinear, RowParallelLinear,
+                                          VocabParallelEmbedding)
+from internlm2_tp.rotary import RotaryEmbedding
+
+# Our parameter -> checkpoint tensor name(s), per layout. "{i}" is the layer index.
+WEIGHT_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
+    "internlm2": {
+        "tok_embeddings": ("model.tok_embeddings.weight",),
+        "wqkv": ("model.layers.{i}.attention.wqkv.weight",),
+        "wo": ("model.layers.{i}.attention.wo.weight",),
+        "w13": ("model.layers.{i}.feed_forward.w1.weight", "model.layers.{i}.feed_forward.w3.weight"),
+        "w2": ("model.layers.{i}.feed_forward.w2.weight",),
+        "attention_norm": ("model.layers.{i}.attention_norm.weight",),
+        "ffn_norm": ("model.layers.{i}.ffn_norm.weight",),
+        "norm": ("model.norm.weight",),
+        "output": ("output.weight",),
+    },
+    "llama": {
+        "tok_embeddings": ("model.embed_tokens.weight",),
+        "wqkv": tuple(f"model.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkv"),
+        "wo": ("model.layers.{i}.self_attn.o_proj.weight",),
+        "w13": ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+        "w2": ("model.layers.{i}.mlp.down_proj.weight",),
+        "attention_norm": ("model.layers.{i}.input_layernorm.weight",),
+        "ffn_norm": ("model.layers.{i}.post_attention_layernorm.weight",),
+        "norm": ("model.norm.weight",),
+        "output": ("lm_head.weight",),
+    },
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.eps, self.hidden, self.fully_loaded = eps, hidden, False
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        reader.expect_shape(name, (self.hidden,))
+        self.weight.data.copy_(reader.read(name))
+        self.fully_loaded = True
+
+
+class InternLM2Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        d = cfg.head_dim
+        self.wqkv = QKVParallelLinear(cfg.hidden_size, cfg.num_attention_heads,
+                                      cfg.num_key_value_heads, d, tp, dtype, device)
+        self.wo = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, tp, dtype, device)
+        self.head_dim, self.scale = d, d ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                fused: object | None) -> torch.Tensor:
+        qkv = self.wqkv(x)                                                    # [T, (q+2kv)*d]
+        q, k, v = qkv.split([self.wqkv.q_size, self.wqkv.kv_size, self.wqkv.kv_size], dim=-1)
+        t, d = x.shape[0], self.head_dim
+        q, k = ops.apply_rotary(q.view(t, -1, d), k.view(t, -1, d), cos, sin, fused)
+        o = paged_attention(q, k, v.view(t, -1, d), kv[0], kv[1], meta, self.scale)  # [T, q*d]
+        return self.wo(o)                                     # PARTIAL sum: caller all-reduces
+
+
+class InternLM2MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        f, h = cfg.intermediate_size, cfg.hidden_size
+        self.w13 = MergedColumnParallelLinear(h, [f, f], tp, dtype, device)   # w1 gate | w3 up
+        self.w2 = RowParallelLinear(f, h, tp, dtype, device)
+
+    def forward(self, x: torch.Tensor, fused: object | None) -> torch.Tensor:
+        return self.w2(ops.silu_and_mul(self.w13(x), fused))  # PARTIAL sum: caller all-reduces
+
+
+class InternLM2Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.attention = InternLM2Attention(cfg, tp, dtype, device)
+        self.feed_forward = InternLM2MLP(cfg, tp, dtype, device)
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+
+class InternLM2Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        check_tp(cfg, tp.size)
+        self.cfg, self.tp, self.dtype, self.device = cfg, tp, dtype, device
+        self.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        self.layers = nn.ModuleList(InternLM2Layer(cfg, tp, dtype, device)
+                                    for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.output = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        self.rotary = RotaryEmbedding(cfg, device, dtype)
+        self.fused = ops.npu_ops() if device.type == "npu" else None
+
+    @property
+    def kv_heads_local(self) -> int:
+        return self.layers[0].attention.wqkv.kv_local
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """input_ids [T] -> logits [B, vocab] fp32 at meta.logits_indices ([T, vocab] if None)."""
+        cos, sin = self.rotary(meta.positions, meta.rope_lengths)              # [T, d]
+        h = self.tp.all_reduce(self.tok_embeddings(input_ids))                 # [T, hidden]
+        fused, eps = self.fused, self.cfg.rms_norm_eps
+        for layer, kv in zip(self.layers, kv_caches):
+            x = ops.rms_norm(h, layer.attention_norm.weight, eps, fused)
+            a = self.tp.all_reduce(layer.attention(x, cos, sin, kv, meta, fused))
+            x, h = ops.add_rms_norm(a, h, layer.ffn_norm.weight, eps, fused)
+            h = h + self.tp.all_reduce(layer.feed_forward(x, fused))
+        if meta.logits_indices is not None:
+            h = h[meta.logits_indices]                                         # [B, hidden]
+        h = ops.rms_norm(h, self.norm.weight, eps, fused)
+        return self.output.gather(self.output(h))
+
+    # -- loading ------------------------------------------------------------------------------
+    def _tasks(self, reader: CheckpointReader) -> list[tuple[tuple[str, ...], Callable[[], None]]]:
+        names = WEIGHT_NAMES[self.cfg.layout]
+        emb_name = names["tok_embeddings"][0]
+        out_names = names["output"]
+        if self.cfg.tie_word_embeddings and not reader.has(out_names[0]):
+            out_names = (emb_name,)
+        tasks: list[tuple[tuple[str, ...], Callable[[], None]]] = [
+            ((emb_name,), lambda: self.tok_embeddings.load(reader, emb_name)),
+            (names["norm"], lambda: self.norm.load(reader, names["norm"][0])),
+            (out_names, lambda: self.output.load(reader, out_names[0])),
+        ]
+        for i, layer in enumerate(self.layers):
+            n = {k: tuple(s.format(i=i) for s in v) for k, v in names.items()}
+            att, mlp = layer.attention, layer.feed_forward
+            qkv_load = (att.wqkv.load_fused if len(n["wqkv"]) == 1 else att.wqkv.load_split)
+            tasks += [
+                (n["wqkv"], lambda f=qkv_load, a=n["wqkv"]: f(reader, *a)),
+                (n["wo"], lambda m=att.wo, a=n["wo"][0]: m.load(reader, a)),
+                (n["w13"][:1], lambda m=mlp.w13, a=n["w13"][0]: m.load(reader, a, 0)),
+                (n["w13"][1:], lambda m=mlp.w13, a=n["w13"][1]: m.load(reader, a, 1)),
+                (n["w2"], lambda m=mlp.w2, a=n["w2"][0]: m.load(reader, a)),
+                (n["attention_norm"], lambda m=layer.attention_norm, a=n["attention_norm"][0]:
+                    m.load(reader, a)),
+                (n["ffn_norm"], lambda m=layer.ffn_norm, a=n["ffn_norm"][0]: m.load(reader, a)),
+            ]
+        return tasks
+
+    def load_weights(self, reader: CheckpointReader) -> None:
+        """Read this rank's slices of every tensor; refuse missing or unexpected tensors."""
+        tasks = self._tasks(reader)
+        wanted = {name for names, _ in tasks for name in names}
+        missing = sorted(wanted - set(reader.weight_map))
+        if missing:
+            raise CheckpointError(f"{reader.path}: tensor {missing[0]} is missing from the "
+                                  f"checkpoint ({len(missing)} missing in all)")
+        unexpected = sorted(set(reader.names()) - wanted)
+        if unexpected:
+            raise CheckpointError(f"{reader.file_of(unexpected[0])}: unexpected tensor "
+                                  f"{unexpected[0]} ({len(unexpected)} unexpected in all; is this "
+                                  f"an InternLM2 checkpoint of the config's shape?)")
+        # Read in file order so a .bin checkpoint maps one file at a time.
+        for names, load in sorted(tasks, key=lambda t: str(reader.file_of(t[0][0]))):
+            load()
+        reader.release()
+        unloaded = [n for n, m in self.named_modules() if hasattr(m, "fully_loaded")
+                    and not m.fully_loaded]
+        assert not unloaded, f"parameters not loaded: {unloaded[:5]}"

@@ -1,0 +1,198 @@
+"""Tensor-parallel layers, each with its weight loader beside it, so the per-rank shapes are in
+`__init__` and the slicing rules are next to them.
+
+No layer communicates on its own: the ones whose output is a partial sum (RowParallelLinear,
+VocabParallelEmbedding) or a vocab shard (ParallelLMHead) say so, and the model calls the
+collective explicitly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from internlm2_tp.checkpoint import CheckpointReader
+from internlm2_tp.parallel.device import TPGroup
+
+
+class ShardedLinear(nn.Module):
+    """Base: a bias-free weight [out_local, in_local] and a record of which parts were loaded."""
+
+    def __init__(self, out_local: int, in_local: int, parts: int, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.parts_needed = parts
+        self.parts_loaded: set[object] = set()
+
+    @property
+    def fully_loaded(self) -> bool:
+        return len(self.parts_loaded) == self.parts_needed
+
+    def _put(self, part: object, rows: slice, block: torch.Tensor) -> None:
+        self.weight.data[rows].copy_(block)
+        self.parts_loaded.add(part)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class ColumnParallelLinear(ShardedLinear):
+    """y = x W^T with W's output rows split evenly: rank r holds rows [r*out/tp, (r+1)*out/tp)."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, dtype: torch.dtype,
+                 device: torch.device):
+        assert out_features % tp.size == 0, (out_features, tp.size)
+        self.out_local = out_features // tp.size
+        super().__init__(self.out_local, in_features, 1, dtype, device)
+        self.full_shape = (out_features, in_features)
+        self.tp = tp
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        reader.expect_shape(name, self.full_shape)
+        lo = self.tp.rank * self.out_local
+        self._put(name, slice(None), reader.read(name, rows=(lo, lo + self.out_local)))
+
+
+class MergedColumnParallelLinear(ShardedLinear):
+    """Several column-parallel weights stacked into one matmul (gate and up: w1, w3).
+    Local layout: [part0 rows of this rank | part1 rows of this rank | ...]."""
+
+    def __init__(self, in_features: int, out_features: list[int], tp: TPGroup, dtype: torch.dtype,
+                 device: torch.device):
+        assert all(o % tp.size == 0 for o in out_features), (out_features, tp.size)
+        self.locals = [o // tp.size for o in out_features]
+        super().__init__(sum(self.locals), in_features, len(out_features), dtype, device)
+        self.out_features, self.in_features, self.tp = out_features, in_features, tp
+
+    def load(self, reader: CheckpointReader, name: str, part: int) -> None:
+        reader.expect_shape(name, (self.out_features[part], self.in_features))
+        n = self.locals[part]
+        start = sum(self.locals[:part])
+        lo = self.tp.rank * n
+        self._put(part, slice(start, start + n), reader.read(name, rows=(lo, lo + n)))
+
+
+class RowParallelLinear(ShardedLinear):
+    """Input columns split: rank r holds W[:, r*in/tp : (r+1)*in/tp]. The output is this rank's
+    PARTIAL SUM: the caller all-reduces it."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, dtype: torch.dtype,
+                 device: torch.device):
+        assert in_features % tp.size == 0, (in_features, tp.size)
+        self.in_local = in_features // tp.size
+        super().__init__(out_features, self.in_local, 1, dtype, device)
+        self.full_shape = (out_features, in_features)
+        self.tp = tp
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        reader.expect_shape(name, self.full_shape)
+        lo = self.tp.rank * self.in_local
+        self._put(name, slice(None), reader.read(name, cols=(lo, lo + self.in_local)))
+
+
+class QKVParallelLinear(ShardedLinear):
+    """InternLM2's fused wqkv, de-interleaved at load time into [Q_local | K_local | V_local].
+
+    Checkpoint rows are grouped per KV head: [kv_heads, q_per_kv + 2, head_dim, hidden] (the
+    group's q heads, its k head, its v head). Rank r owns q heads [r*H/tp, (r+1)*H/tp), which
+    always belong to whole KV groups when tp <= kv_heads (then it owns KV heads
+    [r*kv/tp, (r+1)*kv/tp), one contiguous block of rows), or to one group when tp > kv_heads
+    (then that group's KV head, r // (tp/kv), is replicated on tp/kv ranks).
+    """
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, tp: TPGroup,
+                 dtype: torch.dtype, device: torch.device):
+        self.heads, self.kv_heads, self.head_dim, self.hidden = heads, kv_heads, head_dim, hidden
+        self.g = heads // kv_heads
+        self.q_local = heads // tp.size
+        self.kv_local = max(1, kv_heads // tp.size)
+        self.q0 = tp.rank * self.q_local                      # first q head of this rank
+        self.kv0 = self.q0 // self.g                          # first KV head of this rank
+        rows = (self.q_local + 2 * self.kv_local) * head_dim
+        super().__init__(rows, hidden, 1, dtype, device)
+        self.tp = tp
+
+    @property
+    def q_size(self) -> int:
+        return self.q_local * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.kv_local * self.head_dim
+
+    def load_fused(self, reader: CheckpointReader, name: str) -> None:
+        """From InternLM2's grouped `wqkv`."""
+        d, g, q, kv = self.head_dim, self.g, self.q_size, self.kv_size
+        reader.expect_shape(name, ((self.heads + 2 * self.kv_heads) * d, self.hidden))
+        w = self.weight.data
+        if self.q_local >= g:  # whole groups: one contiguous read, then de-interleave
+            lo = self.kv0 * (g + 2) * d
+            block = reader.read(name, rows=(lo, lo + self.kv_local * (g + 2) * d))
+            block = block.view(self.kv_local, g + 2, d, self.hidden)  # [groups, g+2, d, hidden]
+            w[:q].copy_(block[:, :g].reshape(q, self.hidden))
+            w[q:q + kv].copy_(block[:, g].reshape(kv, self.hidden))
+            w[q + kv:].copy_(block[:, g + 1].reshape(kv, self.hidden))
+        else:  # part of one group: our q heads, and the group's k and v heads (replicated)
+            base = self.kv0 * (g + 2) * d
+            j = self.q0 - self.kv0 * g  # our first q head inside the group
+            w[:q].copy_(reader.read(name, rows=(base + j * d, base + j * d + q)))
+            w[q:q + kv].copy_(reader.read(name, rows=(base + g * d, base + (g + 1) * d)))
+            w[q + kv:].copy_(reader.read(name, rows=(base + (g + 1) * d, base + (g + 2) * d)))
+        self.parts_loaded.add(name)
+
+    def load_split(self, reader: CheckpointReader, q_name: str, k_name: str, v_name: str) -> None:
+        """From the Llama layout's separate q_proj / k_proj / v_proj (same head order)."""
+        d, q, kv = self.head_dim, self.q_size, self.kv_size
+        reader.expect_shape(q_name, (self.heads * d, self.hidden))
+        reader.expect_shape(k_name, (self.kv_heads * d, self.hidden))
+        reader.expect_shape(v_name, (self.kv_heads * d, self.hidden))
+        w = self.weight.data
+        w[:q].copy_(reader.read(q_name, rows=(self.q0 * d, self.q0 * d + q)))
+        w[q:q + kv].copy_(reader.read(k_name, rows=(self.kv0 * d, self.kv0 * d + kv)))
+        w[q + kv:].copy_(reader.read(v_name, rows=(self.kv0 * d, self.kv0 * d + kv)))
+        self.parts_loaded.add(q_name)
+
+
+class VocabParallelEmbedding(ShardedLinear):
+    """Rows of the vocab split over ranks (padded to a multiple of tp with zero rows).
+    forward() returns this rank's PARTIAL embedding (zeros for ids it does not own): the
+    caller all-reduces."""
+
+    def __init__(self, vocab: int, hidden: int, tp: TPGroup, dtype: torch.dtype,
+                 device: torch.device):
+        self.vocab, self.hidden, self.tp = vocab, hidden, tp
+        self.per_rank = -(-vocab // tp.size)
+        self.start = tp.rank * self.per_rank
+        self.end = min(self.start + self.per_rank, vocab)  # rows past `end` are padding
+        super().__init__(self.per_rank, hidden, 1, dtype, device)
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        reader.expect_shape(name, (self.vocab, self.hidden))
+        w = self.weight.data
+        n = max(0, self.end - self.start)
+        if n:
+            w[:n].copy_(reader.read(name, rows=(self.start, self.end)))
+        w[n:].zero_()
+        self.parts_loaded.add(name)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return out.masked_fill_(outside.unsqueeze(-1), 0)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output head, column-parallel over the vocab. forward() gives this rank's logits
+    shard [B, per_rank]; `gather()` is the explicit all-gather to full-vocab fp32 logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, per_rank]
+        return F.linear(x, self.weight)
+
+    def gather(self, local_logits: torch.Tensor) -> torch.Tensor:  # -> [B, vocab] float32
+        full = self.tp.all_gather_last(local_logits.float())
+        return full[:, : self.vocab]

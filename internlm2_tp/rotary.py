@@ -1,0 +1,79 @@
+"""Rotary position embeddings as the official InternLM2 computes them (rotate-half convention).
+
+- default: inv_freq = 1 / theta ** (arange(0, d, 2) / d), angle = position * inv_freq.
+- linear: positions divided by the factor.
+- dynamic NTK: a token whose length T (see below) exceeds max_position_embeddings is rotated with
+  base(T) = theta * ((factor * T / max_pos) - (factor - 1)) ** (d / (d - 2)); at or below
+  max_pos it is unscaled. For one request the official model uses T = prompt length for prompt
+  tokens and T = p + 1 for a generated token at position p, and cached keys keep the rotation
+  they were given. The engine therefore passes T per token (max(prompt_len, p + 1)), which makes
+  a row's rotation independent of its batch and of prefill chunking.
+"""
+from __future__ import annotations
+
+import torch
+
+from internlm2_tp.config import ModelConfig
+
+
+class RotaryEmbedding:
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+        self.d = cfg.head_dim
+        self.theta = cfg.rope_theta
+        self.max_pos = cfg.max_position_embeddings
+        rs = cfg.rope_scaling
+        self.kind = rs.type if rs else "default"
+        self.factor = rs.factor if rs else 1.0
+        self.device, self.dtype = device, dtype
+        self.exponents = torch.arange(0, self.d, 2, dtype=torch.float32, device=device) / self.d
+        self.inv_freq = 1.0 / (self.theta ** self.exponents)                        # [d/2] fp32
+        self.cos_table = torch.empty(0, self.d, dtype=dtype, device=device)
+        self.sin_table = torch.empty(0, self.d, dtype=dtype, device=device)
+
+    def _grow(self, n: int) -> None:
+        """Cos/sin for unscaled-base positions [0, n), computed once and reused."""
+        n = max(n, 2 * self.cos_table.shape[0], min(self.max_pos, 4096))
+        t = torch.arange(n, dtype=torch.float32, device=self.device)
+        if self.kind == "linear":
+            t = t / self.factor
+        freqs = torch.outer(t, self.inv_freq)                                         # [n, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos_table, self.sin_table = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def base_for(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Per-token rotary base for dynamic NTK (float64 math, as Python floats would do)."""
+        ln = lengths.to(torch.float64)
+        b = self.theta * ((self.factor * ln / self.max_pos) - (self.factor - 1)) ** (
+            self.d / (self.d - 2))
+        return torch.where(ln > self.max_pos, b, torch.full_like(b, self.theta))
+
+    def __call__(self, positions: torch.Tensor, lengths: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions, lengths [T] -> cos, sin [T, d] in the model dtype."""
+        top = int(positions.max()) + 1 if positions.numel() else 1
+        if top > self.cos_table.shape[0]:
+            self._grow(top)
+        cos, sin = self.cos_table[positions], self.sin_table[positions]
+        if self.kind == "dynamic":
+            long = lengths > self.max_pos
+            if bool(long.any()):
+                idx = long.nonzero().squeeze(1)
+                base = self.base_for(lengths[idx]).to(torch.float32)                  # [n]
+                inv = 1.0 / (base[:, None] ** self.exponents[None, :])                # [n, d/2]
+                freqs = positions[idx].to(torch.float32)[:, None] * inv
+                emb = torch.cat((freqs, freqs), dim=-1)
+                cos, sin = cos.clone(), sin.clone()
+                cos[idx], sin[idx] = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        return cos, sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rotary_plain(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, H, d], k [T, KVH, d], cos/sin [T, d]."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s

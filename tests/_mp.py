@@ -1,0 +1,44 @@
+"""Run a function on N real processes joined in a gloo group on loopback (spawned, not forked)."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import traceback
+from typing import Any, Callable
+
+from internlm2_tp.parallel.device import free_port
+
+
+def _child(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, q: Any) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1 if world > 2 else 2)
+        q.put((rank, "ok", fn(rank, world, port, *args)))
+    except BaseException:  # noqa: BLE001 - ship any failure to the parent
+        q.put((rank, "error", traceback.format_exc()))
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 300) -> list[Any]:
+    """fn(rank, world, port, *args) on `world` processes; returns the results in rank order."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, args, q), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        for _ in range(world):
+            rank, status, value = q.get(timeout=timeout)
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            results[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world)]

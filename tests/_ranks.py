@@ -1,0 +1,83 @@
+"""Rank-side bodies for multi-process tests (importable by spawned children)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from internlm2_tp.attention import dense_metadata
+from internlm2_tp.checkpoint import CheckpointReader
+from internlm2_tp.config import ModelConfig
+from internlm2_tp.model import InternLM2Model
+from internlm2_tp.parallel.device import destroy_tp_group, init_tp_group
+
+
+def build_model(rank: int, world: int, port: int, ckpt: str | Path,
+                dtype: torch.dtype = torch.float32) -> InternLM2Model:
+    cfg = ModelConfig.from_dir(ckpt)
+    tp = init_tp_group("cpu", rank, world, "127.0.0.1", port)
+    model = InternLM2Model(cfg, tp, dtype, torch.device("cpu"))
+    model.load_weights(CheckpointReader(ckpt))
+    return model
+
+
+def fresh_caches(model: InternLM2Model, num_blocks: int, block_size: int
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    shape = (num_blocks, block_size, model.kv_heads_local, model.cfg.head_dim)
+    return [(torch.zeros(shape, dtype=model.dtype), torch.zeros(shape, dtype=model.dtype))
+            for _ in model.layers]
+
+
+def prefill_logits(model: InternLM2Model, seqs: list[list[int]], block_size: int = 4
+                   ) -> torch.Tensor:
+    """Logits at every position of every sequence, prefilled together: [sum(len), vocab]."""
+    lens = [len(s) for s in seqs]
+    meta = dense_metadata(lens, block_size, torch.device("cpu"), all_logits=True)
+    caches = fresh_caches(model, sum(-(-n // block_size) for n in lens), block_size)
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    return model(ids, meta, caches)
+
+
+def rank_logits(rank: int, world: int, port: int, ckpt: str, seqs: list[list[int]]
+                ) -> torch.Tensor | None:
+    model = build_model(rank, world, port, ckpt)
+    out = prefill_logits(model, seqs)
+    destroy_tp_group(model.tp)
+    return out if rank == 0 else None
+
+
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rank_load_rss(rank: int, world: int, port: int, ckpt: str) -> dict[str, int]:
+    """RSS growth while loading: the kernel's peak (VmHWM, reset just before load_weights via
+    /proc/self/clear_refs) above the RSS just before loading starts."""
+    cfg = ModelConfig.from_dir(ckpt)
+    tp = init_tp_group("cpu", rank, world, "127.0.0.1", port)
+    model = InternLM2Model(cfg, tp, torch.float32, torch.device("cpu"))
+    reader = CheckpointReader(ckpt)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS watermark to the current RSS
+    before = _status_kib("VmRSS")
+    model.load_weights(reader)
+    peak = _status_kib("VmHWM")
+    destroy_tp_group(tp)
+    return {"growth": (peak - before) * 1024, "weights": reader.total_bytes()}
+
+
+def rank_generate(rank: int, world: int, port: int, ckpt: str, requests: list, engine_kw: dict,
+                  dtype: torch.dtype = torch.float32) -> list | None:
+    """Run an Engine over `requests` [(id, prompt_ids, SamplingParams)] on this rank."""
+    from internlm2_tp.engine.engine import Engine, EngineConfig
+
+    model = build_model(rank, world, port, ckpt, dtype)
+    engine = Engine(model, EngineConfig(**engine_kw), model.cfg.eos_token_id)
+    out = engine.generate(requests)
+    stats = {"preemptions": engine.scheduler.num_preemptions,
+             "prefix_hits": engine.blocks.prefix_hit_tokens, "steps": engine.steps}
+    destroy_tp_group(model.tp)
+    return [(f.request_id, f.output_ids, f.finish_reason) for f in out], stats

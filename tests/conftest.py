@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def real_tokenizer_path() -> Path | None:
+    from internlm2_tp.tokenizer import find_default_tokenizer_model
+
+    return find_default_tokenizer_model()
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer() -> Path:
+    p = real_tokenizer_path()
+    if p is None:
+        pytest.skip("the real InternLM2 tokenizer.model is absent (expected at "
+                    "../shared/data/tokenizer_internlm2.model or $INTERNLM2_TOKENIZER)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def make_ckpt(tmp_path_factory: pytest.TempPathFactory):
+    """make_ckpt(**TinySpec fields) -> checkpoint dir, cached per distinct spec."""
+    from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+
+    cache: dict[str, Path] = {}
+
+    def make(**kw) -> Path:
+        key = repr(sorted(kw.items()))
+        if key not in cache:
+            d = tmp_path_factory.mktemp("ckpt")
+            cache[key] = write_tiny_checkpoint(d, TinySpec(**kw))
+        return cache[key]
+
+    return make

@@ -1,0 +1,84 @@
+"""Issue 2: the tensor-parallel model is exactly InternLM2 at every tp."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _mp import run_ranks
+from _ranks import build_model, prefill_logits, rank_load_rss, rank_logits
+from internlm2_tp.parallel.layers import QKVParallelLinear
+from reference import hf_llama, hf_logits
+
+# 48 q heads over 8 KV heads, as the 20B; vocab 1000 is not a multiple of 16 (padding path).
+SPEC = dict(dtype="float32", hidden_size=192, num_attention_heads=48, num_key_value_heads=8,
+            intermediate_size=256, num_hidden_layers=2, vocab_size=1000)
+SEQS = [[1, 5, 9, 200, 7], [1] + list(range(30, 52)), [1, 999, 3], [1, 17, 17, 17, 400, 2, 8, 650]]
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_ckpt):
+    return make_ckpt(**SPEC)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    return hf_logits(hf_llama(ckpt), SEQS)
+
+
+def test_tp1_matches_reference(ckpt, reference):
+    out = prefill_logits(build_model(0, 1, 0, ckpt), SEQS)
+    assert out.shape == reference.shape
+    assert (out - reference).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8, 16])
+def test_tp_matches_reference(ckpt, reference, tp):
+    out = run_ranks(rank_logits, tp, str(ckpt), SEQS)[0]
+    diff = (out - reference).abs().max().item()
+    assert diff < 1e-4, f"tp={tp}: max |logit diff| {diff}"
+
+
+def _naive_qkv_load(self: QKVParallelLinear, reader, name: str) -> None:
+    """What an engine that assumes [Q | K | V] rows would do (the bug we guard against)."""
+    full = reader.read(name)
+    q_all, kv_all = self.heads * self.head_dim, self.kv_heads * self.head_dim
+    q, kv = self.q_size, self.kv_size
+    r = self.tp.rank
+    w = self.weight.data
+    w[:q].copy_(full[r * q:(r + 1) * q])
+    w[q:q + kv].copy_(full[q_all + r * kv:q_all + (r + 1) * kv])
+    w[q + kv:].copy_(full[q_all + kv_all + r * kv:q_all + kv_all + (r + 1) * kv])
+    self.parts_loaded.add(name)
+
+
+def test_plain_qkv_slicing_would_fail(ckpt, reference, monkeypatch):
+    monkeypatch.setattr(QKVParallelLinear, "load_fused", _naive_qkv_load)
+    out = prefill_logits(build_model(0, 1, 0, ckpt), SEQS)
+    assert (out - reference).abs().max().item() > 1e-2
+
+
+def test_bin_and_safetensors_identical(make_ckpt):
+    st = make_ckpt(**SPEC, format="safetensors", seed=3)
+    pt = make_ckpt(**SPEC, format="bin", seed=3)
+    assert sorted(p.name for p in pt.glob("*.bin")) == ["pytorch_model-00001-of-00002.bin",
+                                                        "pytorch_model-00002-of-00002.bin"]
+    a = prefill_logits(build_model(0, 1, 0, st), SEQS)
+    b = prefill_logits(build_model(0, 1, 0, pt), SEQS)
+    assert torch.equal(a, b)
+
+
+def test_load_rss_per_rank_tp4(tmp_path):
+    from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+
+    spec = TinySpec(dtype="float32", hidden_size=768, num_attention_heads=48,
+                    num_key_value_heads=8, intermediate_size=2048, num_hidden_layers=9,
+                    vocab_size=1000, num_shards=3)
+    ckpt = write_tiny_checkpoint(tmp_path / "big", spec)
+    results = run_ranks(rank_load_rss, 4, str(ckpt))
+    weights = results[0]["weights"]
+    assert weights >= 200 * 2**20
+    for rank, r in enumerate(results):
+        frac = r["growth"] / weights
+        print(f"rank {rank}: RSS grew {r['growth'] / 2**20:.1f} MiB = {frac:.1%} of "
+              f"{weights / 2**20:.0f} MiB of weights")
+        assert frac < 0.40, f"rank {rank} grew {frac:.1%} of the weight bytes"

@@ -1,0 +1,260 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from internlm2_tp.runtime import output as out_mod
+from internlm2_tp.runtime.output import (
+    OutputDirError,
+    OutputRow,
+    ShardWriter,
+    fingerprint_diff,
+    output_schema,
+    prepare_output_dir,
+    read_output_ids,
+    write_manifest,
+)
+
+FP = {"model": {"path": "/m", "dtype": "bf16"}, "input": "in.parquet", "max_new_tokens": 32}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ok(i: int | str, toks: int = 2) -> OutputRow:
+    return OutputRow(id=i, completion="x" * toks, completion_token_ids=list(range(toks)), prompt_tokens=5,
+                     completion_tokens=toks, finish_reason="length", error=None)
+
+
+def parts(d: Path) -> list[Path]:
+    return sorted(d.glob("part-*.parquet"))
+
+
+def test_output_schema() -> None:
+    s = output_schema(pa.string())
+    assert s.names == ["id", "completion", "completion_token_ids", "prompt_tokens", "completion_tokens",
+                       "finish_reason", "error"]
+    assert s.field("completion_token_ids").type == pa.list_(pa.int32())
+    assert s.field("prompt_tokens").type == pa.int32() and output_schema(pa.int64()).field("id").type == pa.int64()
+    with pytest.raises(ValueError, match="integer or string"):
+        output_schema(pa.float64())
+
+
+def test_output_row_validation() -> None:
+    OutputRow(id="a", completion="", completion_token_ids=[], prompt_tokens=0, completion_tokens=0,
+              finish_reason="error", error="row id 'a': boom")
+    bad = [
+        dict(finish_reason="done"),
+        dict(finish_reason="error"),
+        dict(error="oops"),
+        dict(completion_tokens=3),
+        dict(completion_token_ids=[1, -2], completion_tokens=2),
+        dict(prompt_tokens=-1),
+        dict(completion=None),
+        dict(id=1.5),
+    ]
+    for kw in bad:
+        base = dict(id=1, completion="ab", completion_token_ids=[1, 2], prompt_tokens=3, completion_tokens=2,
+                    finish_reason="stop", error=None)
+        base.update(kw)
+        with pytest.raises(ValueError):
+            OutputRow(**base)
+
+
+def test_writer_shards_and_roundtrip(tmp_path: Path) -> None:
+    assert prepare_output_dir(tmp_path / "out", FP, overwrite=False) is None
+    d = tmp_path / "out"
+    w = ShardWriter(d, pa.int64(), shard_rows=3, run_id="r1")
+    for i in range(7):
+        w.add(ok(i))
+    assert [p.name for p in parts(d)] == ["part-r1-00000.parquet", "part-r1-00001.parquet"]
+    assert w.rows_written == 6
+    w.add(OutputRow(id=7, completion="", completion_token_ids=[], prompt_tokens=0, completion_tokens=0,
+                    finish_reason="error", error="row id 7: column 'prompt' is an empty string"))
+    w.close()
+    assert w.rows_written == 8 and len(parts(d)) == 3 and w.files == parts(d)
+    t = pq.read_table(parts(d)[2])
+    assert t.schema.equals(output_schema(pa.int64()))
+    assert t.column("error").to_pylist() == [None, "row id 7: column 'prompt' is an empty string"]
+    assert t.column("finish_reason").to_pylist() == ["length", "error"]
+    with pytest.raises(RuntimeError, match="closed"):
+        w.add(ok(9))
+    assert sorted(read_output_ids(d).to_pylist()) == list(range(8))
+    # a reused run id continues the sequence instead of replacing a shard
+    with ShardWriter(d, pa.int64(), shard_rows=10, run_id="r1") as w2:
+        w2.add(ok(100))
+    assert parts(d)[-1].name == "part-r1-00003.parquet"
+
+
+def test_writer_rejects_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="run_id"):
+        ShardWriter(tmp_path, pa.int64(), run_id="../escape")
+    with pytest.raises(ValueError, match="shard_rows"):
+        ShardWriter(tmp_path, pa.int64(), shard_rows=0)
+    with pytest.raises(OutputDirError, match="does not exist"):
+        ShardWriter(tmp_path / "nope", pa.int64())
+    w = ShardWriter(tmp_path, pa.string())
+    with pytest.raises(ValueError, match="does not match output id type"):
+        w.add(ok(1))
+    with pytest.raises(TypeError):
+        w.add({"id": "a"})  # type: ignore[arg-type]
+
+
+def test_no_part_file_before_flush(tmp_path: Path) -> None:
+    prepare_output_dir(tmp_path, FP, overwrite=False)
+    w = ShardWriter(tmp_path, pa.string(), shard_rows=100)
+    for i in range(99):
+        w.add(ok(f"id{i}"))
+    assert parts(tmp_path) == [] and read_output_ids(tmp_path) is None
+    w.flush()
+    assert len(parts(tmp_path)) == 1 and len(read_output_ids(tmp_path)) == 99
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_failed_rename_leaves_no_part_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = ShardWriter(tmp_path, pa.int64(), shard_rows=10)
+    w.add(ok(1))
+
+    def boom(a: object, b: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(out_mod.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        w.flush()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    w.flush()  # rows were kept and can be written once the problem is gone
+    assert len(parts(tmp_path)) == 1 and w.rows_written == 1
+
+
+def _child(code: str, d: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(d)], env=env)
+
+
+def test_sigkill_between_write_and_rename_leaves_only_temp(tmp_path: Path) -> None:
+    d = tmp_path / "out"
+    prepare_output_dir(d, FP, overwrite=False)
+    # the child kills itself at the first fsync, i.e. with the temp file written but not yet renamed
+    proc = _child("""
+        import os, signal, sys
+        import pyarrow as pa
+        from internlm2_tp.runtime.output import OutputRow, ShardWriter
+        w = ShardWriter(sys.argv[1], pa.int64(), shard_rows=50)
+        os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+        for i in range(50):
+            w.add(OutputRow(i, "c", [1], 1, 1, "stop", None))
+    """, d)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    names = sorted(p.name for p in d.iterdir())
+    assert parts(d) == [] and len(names) == 2 and names[0].startswith(".part-") and names[0].endswith(".tmp")
+    assert prepare_output_dir(d, FP, overwrite=False) is None  # stale temp removed, nothing done
+    assert sorted(p.name for p in d.iterdir()) == ["job.json"]
+
+
+def test_sigkill_mid_stream_keeps_complete_shards(tmp_path: Path) -> None:
+    d = tmp_path / "out"
+    prepare_output_dir(d, FP, overwrite=False)
+    proc = _child("""
+        import sys
+        import pyarrow as pa
+        from internlm2_tp.runtime.output import OutputRow, ShardWriter
+        w = ShardWriter(sys.argv[1], pa.int64(), shard_rows=200)
+        i = 0
+        while True:
+            w.add(OutputRow(i, "c" * 50, list(range(50)), 1, 50, "stop", None))
+            i += 1
+    """, d)
+    deadline = time.monotonic() + 30
+    while len(parts(d)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert len(parts(d)) >= 3
+    for p in parts(d):  # every visible part file is complete and readable
+        assert pq.read_table(p).num_rows == 200
+    done = prepare_output_dir(d, FP, overwrite=False)
+    assert sorted(done.to_pylist()) == list(range(200 * len(parts(d))))
+    assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_fingerprint_and_overwrite(tmp_path: Path) -> None:
+    d = tmp_path / "out"
+    assert prepare_output_dir(d, FP, overwrite=False) is None
+    assert json.loads((d / "job.json").read_text())["fingerprint"] == FP
+    with ShardWriter(d, pa.int64(), shard_rows=2) as w:
+        for i in range(5):
+            w.add(ok(i))
+    write_manifest(d, {"rows": 5})
+    # same job again: resume with the done ids; the stale manifest goes away until the run ends
+    done = prepare_output_dir(d, json.loads(json.dumps(FP)), overwrite=False)
+    assert done.type == pa.int64() and sorted(done.to_pylist()) == [0, 1, 2, 3, 4]
+    assert not (d / "_manifest.json").exists()
+    other = {**FP, "model": {"path": "/m", "dtype": "fp16"}, "extra": 1}
+    with pytest.raises(OutputDirError, match=r"fingerprint keys differ: \['extra', 'model.dtype'\]"):
+        prepare_output_dir(d, other, overwrite=False)
+    assert len(parts(d)) == 3  # nothing deleted on refusal
+    assert prepare_output_dir(d, other, overwrite=True) is None
+    assert parts(d) == [] and json.loads((d / "job.json").read_text())["fingerprint"] == other
+
+
+def test_parts_without_job_file_are_refused(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path, pa.int64()) as w:
+        w.add(ok(1))
+    with pytest.raises(OutputDirError, match="without job.json"):
+        prepare_output_dir(tmp_path, FP, overwrite=False)
+    assert prepare_output_dir(tmp_path, FP, overwrite=True) is None
+
+
+def test_foreign_files_refused_even_with_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "sub").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(OutputDirError, match=r"did not write: \['notes.txt', 'sub'\]"):
+            prepare_output_dir(tmp_path, FP, overwrite=overwrite)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "job.json").exists()
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(OutputDirError, match="not a directory"):
+        prepare_output_dir(f, FP, overwrite=True)
+
+
+def test_duplicate_ids_across_parts_are_an_error(tmp_path: Path) -> None:
+    prepare_output_dir(tmp_path, FP, overwrite=False)
+    for run in ("a", "b", "c"):
+        with ShardWriter(tmp_path, pa.string(), run_id=run) as w:
+            w.add(ok("same" if run != "b" else "other"))
+    with pytest.raises(OutputDirError, match=r"\['same'\] appear more than once") as ei:
+        prepare_output_dir(tmp_path, FP, overwrite=False)
+    assert "part-a-00000.parquet" in str(ei.value) and "part-c-00000.parquet" in str(ei.value)
+    assert "part-b-" not in str(ei.value)
+
+
+def test_corrupt_part_file_named(tmp_path: Path) -> None:
+    prepare_output_dir(tmp_path, FP, overwrite=False)
+    (tmp_path / "part-x-00000.parquet").write_bytes(b"garbage")
+    with pytest.raises(OutputDirError, match="part-x-00000.parquet"):
+        read_output_ids(tmp_path)
+
+
+def test_manifest_written_atomically(tmp_path: Path) -> None:
+    write_manifest(tmp_path, {"rows": 3, "errors": 1, "files": ["part-a-00000.parquet"]})
+    assert json.loads((tmp_path / "_manifest.json").read_text())["rows"] == 3
+    with pytest.raises(TypeError, match="JSON"):
+        write_manifest(tmp_path, {"bad": object()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_manifest.json"]
+
+
+def test_fingerprint_diff() -> None:
+    assert fingerprint_diff(FP, FP) == []
+    assert fingerprint_diff({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}, "d": 0}) == ["b.c", "d"]
+    with pytest.raises(TypeError, match="JSON"):
+        prepare_output_dir(Path("/nonexistent-never-created"), {"x": {1, 2}}, overwrite=False)
