@@ -42,3 +42,27 @@ def make_ckpt(tmp_path_factory: pytest.TempPathFactory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (`ray start --head`), stopped at the end of the session.
+    Yields the dashboard address that `ray job submit` uses."""
+    import shutil
+    import subprocess
+
+    from internlm2_tp.parallel.device import free_port
+
+    ray_bin = shutil.which("ray")
+    if ray_bin is None:
+        pytest.fail("the `ray` command is missing (pip install 'ray[default]')")
+    port, dash = free_port(), free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                    "--include-dashboard=true", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)

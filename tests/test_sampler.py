@@ -56,6 +56,7 @@ def test_params_validation_names_field(field, value):
 def test_params_coerce_lists():
     p = SamplingParams(stop_token_ids=[5, 6], stop=["a"])
     assert p.stop_token_ids == (5, 6) and p.stop == ("a",)
+    assert SamplingParams(stop="xy").stop == ("xy",)
     hash(p)
 
 
@@ -114,7 +115,9 @@ def test_row_independent_of_batch():
               SamplingParams(repetition_penalty=1.1), SamplingParams(temperature=2.0, seed=9),
               SamplingParams(temperature=1.0, top_k=2000, seed=10)]
     plain = SamplingParams(temperature=1.1, seed=42)
-    for target in (me, plain):
+    row[:40] = row[:40].round()  # ties, also at the top-k boundary
+    only_k = SamplingParams(temperature=0.7, top_k=5, seed=99)  # alone: torch.topk path
+    for target in (me, plain, only_k):
         alone = [sample(row[None], BatchSamplingState.build([target]),
                         torch.tensor([s])).item() for s in range(20)]
         for idx in (0, 5):

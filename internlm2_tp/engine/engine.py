@@ -29,7 +29,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
     max_model_len: int = 0            # 0: the model's context (times the rope scaling factor)
     enable_prefix_caching: bool = True
-    kv_cache_gb: float = 0.0          # 0: 90% of free device memory on cuda/npu, 2 GiB on cpu
+    kv_cache_gb: float = 0.0          # 0: 90% of free device memory on cuda/npu, 1 GiB on cpu
     num_kv_blocks: int = 0            # > 0 overrides kv_cache_gb (tests force preemption with it)
 
     def __post_init__(self) -> None:
@@ -65,8 +65,9 @@ class Finished:
     request_id: Any
     prompt_tokens: int
     output_ids: list[int]
-    finish_reason: str                # "stop" or "length"
+    finish_reason: str                # "stop", "length", or "error" (the row alone is bad)
     stop_text: str | None = None      # the stop string that ended it, if any
+    error: str | None = None
 
 
 def plan_cache(model: InternLM2Model, cfg: EngineConfig, eos_ids: tuple[int, ...]) -> RuntimeFacts:
@@ -79,7 +80,7 @@ def plan_cache(model: InternLM2Model, cfg: EngineConfig, eos_ids: tuple[int, ...
         if cfg.kv_cache_gb:
             budget = cfg.kv_cache_gb * 2**30
         elif dev.type == "cpu":
-            budget = 2 * 2**30
+            budget = 2**30
         else:
             free, _ = getattr(torch, dev.type).mem_get_info(dev)
             budget = 0.9 * free

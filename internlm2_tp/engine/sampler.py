@@ -7,16 +7,15 @@ computed with int64 torch ops (no global RNG, no shared ``torch.Generator``), so
 row yields the same tokens whatever batch it is in and wherever it sits in it.
 
 Per step there are no per-row Python loops: the batch is handled by a few [B] / [B, V]
-tensor ops.  The full vocab is sorted only when some row uses top-k or top-p.
+tensor ops.  The full vocab is sorted only when some row uses top-p (top-k alone
+uses ``torch.topk``); otherwise the draw is an inverse CDF in vocab order (cumsum +
+searchsorted).  Greedy rows take the argmax; an all-greedy batch is one argmax.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-
-_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
-
 
 def _s64(c: int) -> int:
     """Reinterpret an unsigned 64-bit constant as a signed int64."""
@@ -47,36 +46,32 @@ class SamplingParams:
         def is_int(x) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
+        def num(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise bad("max_new_tokens", "must be an int >= 1")
-        t = self.temperature
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t >= 0 or t == float("inf"):
+        if not num(self.temperature) or not 0 <= self.temperature < float("inf"):
             raise bad("temperature", "must be a finite number >= 0")
-        p = self.top_p
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+        if not num(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
         if not is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "must be an int: 0 (off) or >= 1")
-        r = self.repetition_penalty
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 < r < float("inf"):
+        if not num(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
             raise bad("repetition_penalty", "must be a finite number > 0")
-        if not is_int(self.seed) or not _I64_MIN <= self.seed <= _I64_MAX:
+        if not is_int(self.seed) or not -(1 << 63) <= self.seed < (1 << 63):
             raise bad("seed", "must be an int in the int64 range")
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "must be a bool")
-        # Accept lists for convenience; store tuples so the dataclass stays hashable.
-        ids = self.stop_token_ids
-        if isinstance(ids, (list, tuple)):
-            object.__setattr__(self, "stop_token_ids", ids := tuple(ids))
+        # Accept lists (and a bare stop string); store tuples so the dataclass stays hashable.
+        if isinstance(self.stop_token_ids, list):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.stop, (list, str)):
+            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        ids, stop = self.stop_token_ids, self.stop
         if not isinstance(ids, tuple) or not all(is_int(i) and i >= 0 for i in ids):
             raise bad("stop_token_ids", "must be a tuple of non-negative ints")
-        stop = self.stop
-        if isinstance(stop, str):
-            stop = (stop,)
-        if isinstance(stop, list):
-            stop = tuple(stop)
-        object.__setattr__(self, "stop", stop)
-        if not isinstance(stop, tuple) or not all(isinstance(s, str) and s for s in stop):
+        if not isinstance(stop, tuple) or not all(isinstance(x, str) and x for x in stop):
             raise bad("stop", "must be a tuple of non-empty strings")
 
     @property
@@ -197,7 +192,7 @@ def _filter_threshold(scaled: torch.Tensor, state: BatchSamplingState) -> torch.
     ordered = torch.sort(scaled, dim=-1, descending=True).values
     if state.any_top_k:
         kth = ordered.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
-        ordered = ordered.masked_fill((k.unsqueeze(1) > 0) & (ordered < kth), float("-inf"))
+        ordered.masked_fill_((k.unsqueeze(1) > 0) & (ordered < kth), float("-inf"))
     probs = torch.softmax(ordered, dim=-1)
     cum = torch.cumsum(probs, dim=-1)
     mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)  # monotone
@@ -231,7 +226,7 @@ def sample(logits: torch.Tensor, state: BatchSamplingState, step: torch.Tensor,
         # boundary kept, as in HF). Thresholds are exact element values, so the top-k
         # fast path and the full-sort path agree bitwise and every row, filtered or
         # not, draws by inverse CDF in vocab order (independent of the batch).
-        scaled = scaled.masked_fill(scaled < _filter_threshold(scaled, state), float("-inf"))
+        scaled.masked_fill_(scaled < _filter_threshold(scaled, state), float("-inf"))
     # scaled <= 0, so exp() cannot overflow; _inverse_cdf normalises by the total itself.
     picked = _inverse_cdf(torch.exp(scaled), u)
 

@@ -108,6 +108,9 @@ def init_tp_group(device_type: str, rank: int, size: int, master_addr: str, mast
     """
     if size == 1:
         return TPGroup()
+    if dist.is_initialized():  # e.g. torchrun's launcher set the group up (env:// rendezvous)
+        assert dist.get_world_size() == size, (dist.get_world_size(), size)
+        return TPGroup(rank=dist.get_rank(), size=size, group=dist.group.WORLD)
     backend = BACKENDS[device_type]
     if device_type == "npu":
         import_torch_npu()
@@ -117,7 +120,7 @@ def init_tp_group(device_type: str, rank: int, size: int, master_addr: str, mast
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://{master_addr}:{master_port}",
+        init_method="env://" if master_addr == "env" else f"tcp://{master_addr}:{master_port}",
         rank=rank,
         world_size=size,
         timeout=datetime.timedelta(seconds=timeout_s),

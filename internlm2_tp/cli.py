@@ -1,0 +1,41 @@
+"""What every entry point does with errors: a one-line message naming the culprit, no traceback,
+distinct exit codes (2: bad input or config, 1: the job failed, 130: interrupted)."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from internlm2_tp.checkpoint import CheckpointError
+    from internlm2_tp.config import ConfigError
+    from internlm2_tp.job_config import JobConfigError
+    from internlm2_tp.runtime.io import InputError
+    from internlm2_tp.runtime.output import OutputDirError
+    from internlm2_tp.tokenizer import TokenizerError
+
+    return (CheckpointError, ConfigError, JobConfigError, InputError, OutputDirError,
+            TokenizerError, FileNotFoundError)
+
+
+def main_guard(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from internlm2_tp.runtime.driver import JobFailed
+
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished rows are saved; rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except JobFailed as e:
+        print(f"job failed: {e}", file=sys.stderr)
+        return EXIT_FAILED

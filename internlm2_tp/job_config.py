@@ -1,0 +1,160 @@
+"""The batch job's configuration: OmegaConf structured sections, one per component.
+
+`load_job_config(yaml_path, overrides)` merges conf/batch_infer.yaml and `key=value` overrides
+(OmegaConf dotlist) onto the schema: unknown keys and wrong types are refused naming the key.
+Each component receives only its own section.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from internlm2_tp.engine.engine import EngineConfig
+
+
+class JobConfigError(ValueError):
+    """A bad job setting; the message names the key."""
+
+
+@dataclass
+class ModelSection:
+    path: str = ""          # HF checkpoint dir (InternLM2 or Llama layout); "" runs the demo
+    dtype: str = "auto"     # auto, float32, bfloat16, float16
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise JobConfigError(f"model.dtype must be auto, float32, bfloat16 or float16; "
+                                 f"got {self.dtype!r}")
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1             # tensor-parallel degree (ranks per group)
+    replicas: int = 1       # data-parallel tensor-parallel groups
+    device: str = "auto"    # auto, npu, cuda, cpu
+    timeout_s: float = 600.0  # rendezvous + collective timeout (torch); bounds a hung rank
+    hccl_connect_timeout: int = 120   # HCCL_CONNECT_TIMEOUT (s), Ascend only
+    hccl_exec_timeout: int = 1836     # HCCL_EXEC_TIMEOUT (s), Ascend only
+    hccl_if_ip: str = ""              # HCCL_IF_IP: host NIC for HCCL rendezvous ("" = HCCL's choice)
+    hccl_buffsize: int = 200          # HCCL_BUFFSIZE (MB per communicator)
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise JobConfigError(f"parallel.tp must be >= 1, got {self.tp}")
+        if self.replicas < 1:
+            raise JobConfigError(f"parallel.replicas must be >= 1, got {self.replicas}")
+        if self.device not in ("auto", "npu", "cuda", "cpu"):
+            raise JobConfigError(f"parallel.device must be auto, npu, cuda or cpu; got {self.device!r}")
+        if self.timeout_s <= 0:
+            raise JobConfigError(f"parallel.timeout_s must be > 0, got {self.timeout_s}")
+        if not 120 <= self.hccl_connect_timeout <= 7200:
+            raise JobConfigError("parallel.hccl_connect_timeout must be within [120, 7200] s, got "
+                                 f"{self.hccl_connect_timeout}")
+
+    def hccl_env(self) -> dict[str, str]:
+        env = {"HCCL_CONNECT_TIMEOUT": str(self.hccl_connect_timeout),
+               "HCCL_EXEC_TIMEOUT": str(self.hccl_exec_timeout),
+               "HCCL_BUFFSIZE": str(self.hccl_buffsize)}
+        if self.hccl_if_ip:
+            env["HCCL_IF_IP"] = self.hccl_if_ip
+        return env
+
+
+@dataclass
+class DataSection:
+    input: str = ""                       # Parquet file, directory or glob
+    output: str = ""                      # output directory (shards + manifest)
+    id_column: str = "id"                 # row number when the column is absent
+    prompt_column: str = "prompt"
+    messages_column: str = "messages"
+    token_ids_column: str = "prompt_token_ids"
+    batch_rows: int = 256                 # rows read from Parquet at a time
+    shard_rows: int = 1000                # rows per output shard
+    overwrite: bool = False               # reuse an output dir written with another config
+
+    def __post_init__(self) -> None:
+        if self.batch_rows < 1:
+            raise JobConfigError(f"data.batch_rows must be >= 1, got {self.batch_rows}")
+        if self.shard_rows < 1:
+            raise JobConfigError(f"data.shard_rows must be >= 1, got {self.shard_rows}")
+
+
+@dataclass
+class GenerationSection:
+    max_new_tokens: int = 256
+    temperature: float = 0.0              # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0                        # 0: off
+    repetition_penalty: float = 1.0
+    seed: int = 0                         # each row's seed is derived from this and its id
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)          # stop strings, cut from the text
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from internlm2_tp.engine.sampler import SamplingParams
+        try:
+            SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                           top_p=self.top_p, top_k=self.top_k,
+                           repetition_penalty=self.repetition_penalty, seed=self.seed)
+        except ValueError as e:
+            raise JobConfigError(f"generation: {e}") from e
+        if any(not s for s in self.stop):
+            raise JobConfigError("generation.stop: stop strings must be non-empty")
+
+
+@dataclass
+class RaySection:
+    address: str = ""                     # "" : the cluster of `ray job submit`, else a local one
+    max_group_restarts: int = 3           # rebuilds of a dead tensor-parallel group before failing
+    cpus_per_worker: float = 0.0        # 0: cpu ranks share the cores; 1 on devices
+    inflight_per_group: int = 0           # rows queued per group; 0: 2 x engine.max_num_seqs
+
+    def __post_init__(self) -> None:
+        if self.max_group_restarts < 0:
+            raise JobConfigError("ray.max_group_restarts must be >= 0")
+
+
+@dataclass
+class JobConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataSection = field(default_factory=DataSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    ray: RaySection = field(default_factory=RaySection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_job_config(yaml_path: str | Path | None, overrides: list[str]) -> JobConfig:
+    schema = OmegaConf.structured(JobConfig)
+    try:
+        layers = [schema]
+        if yaml_path is not None:
+            layers.append(OmegaConf.load(str(yaml_path)))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise JobConfigError(f"override {bad[0]!r} is not key=value")
+        layers.append(OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(*layers)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise JobConfigError(f"config key {key!r}: {msg}" if key else f"config: {msg}") from e
+    except (ValueError, TypeError) as e:
+        if isinstance(e, JobConfigError):
+            raise
+        raise JobConfigError(str(e)) from e
+    assert isinstance(obj, JobConfig)
+    return obj
+
+
+def section_keys(section: type) -> list[str]:
+    return [f.name for f in fields(section)]

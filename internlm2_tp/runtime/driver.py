@@ -1,0 +1,182 @@
+"""The driver: Parquet in -> tensor-parallel groups -> Parquet out, resumable, exactly once.
+
+Order of work: everything cheap is validated first (config, config.json, tp, tokenizer, every
+input file's schema and ids, the output directory), then the groups start and load weights. Rows
+stream from the input in bounded memory; each group holds a bounded number of rows in flight;
+finished rows go to atomically written shards. A group that dies is rebuilt and its unfinished
+rows re-run (bounded retries). Ctrl-C flushes finished rows and leaves a resumable directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from tqdm import tqdm
+
+from internlm2_tp.config import ModelConfig, check_tp
+from internlm2_tp.job_config import JobConfig
+from internlm2_tp.runtime.io import InputColumns, InputRow, iter_rows, plan_input
+from internlm2_tp.runtime.output import ShardWriter, prepare_output_dir, write_manifest
+from internlm2_tp.runtime.rows import Request, base_params, error_row, finished_row, to_request
+from internlm2_tp.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+class Pool(Protocol):
+    """Tensor-parallel groups the driver feeds (Ray actors, or torchrun ranks)."""
+    num_groups: int
+
+    def start(self) -> list[dict]: ...                        # rank-0 facts of each group
+    def submit(self, g: int, requests: list[Request], return_after: int) -> None: ...
+    def wait(self) -> tuple[int, Any, dict]: ...              # (group, finished | Exception, stats)
+    def restart(self, g: int) -> dict: ...
+    def shutdown(self) -> None: ...
+
+
+def fingerprint(cfg: JobConfig, mcfg: ModelConfig) -> dict:
+    """What makes two runs' outputs comparable; a resumed run must match it."""
+    cfg_sha = hashlib.sha256(Path(mcfg.source).read_bytes()).hexdigest()
+    d = cfg.data
+    return {"model": {"path": str(Path(cfg.model.path).resolve()), "config_sha256": cfg_sha,
+                      "dtype": cfg.model.dtype},
+            "generation": asdict(cfg.generation),
+            "data": {"input": d.input, "id_column": d.id_column, "prompt_column": d.prompt_column,
+                     "messages_column": d.messages_column, "token_ids_column": d.token_ids_column}}
+
+
+class Job:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        d = cfg.data
+        if not cfg.model.path:
+            raise JobFailed("model.path is required (an InternLM2 or Llama-layout HF checkpoint dir)")
+        if not d.input:
+            raise JobFailed("data.input is required (a Parquet file, directory or glob)")
+        if not d.output:
+            raise JobFailed("data.output is required (a directory)")
+        self.mcfg = ModelConfig.from_dir(cfg.model.path)
+        check_tp(self.mcfg, cfg.parallel.tp)
+        self.tok = Tokenizer.from_dir(cfg.model.path)
+        if self.tok.vocab_size > self.mcfg.vocab_size:
+            raise JobFailed(f"{cfg.model.path}: tokenizer.model has {self.tok.vocab_size} pieces but "
+                            f"config.json vocab_size is {self.mcfg.vocab_size}")
+        self.columns = InputColumns(d.id_column, d.prompt_column, d.messages_column,
+                                    d.token_ids_column)
+        self.plan = plan_input(d.input, self.columns)           # job-level input errors: here
+        self.out = Path(d.output)
+        self.done_ids = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg), d.overwrite)
+        self.base = base_params(cfg.generation)
+        self.todo = self.plan.num_rows - (len(self.done_ids) if self.done_ids is not None else 0)
+
+    def _rows(self) -> Iterator[InputRow]:
+        for batch in iter_rows(self.plan, self.columns, self.cfg.data.batch_rows, self.done_ids):
+            yield from batch
+
+    def run(self, pool: Pool) -> dict:
+        cfg, t0 = self.cfg, time.time()
+        log.info("%d rows in %d file(s); %d already done in %s; %d to run",
+                 self.plan.num_rows, len(self.plan.files), self.plan.num_rows - self.todo,
+                 self.out, self.todo)
+        facts = pool.start()
+        f0 = facts[0]["facts"]
+        log.info("memory plan per rank: %s", _describe(f0))
+        max_len, eos = f0["max_model_len"], tuple(f0["eos_ids"])
+        cap = cfg.ray.inflight_per_group or 2 * cfg.engine.max_num_seqs
+        return_after = max(1, cap // 4)
+        rows, retry = self._rows(), deque()
+        inflight: list[dict[Any, Request]] = [{} for _ in range(pool.num_groups)]
+        restarts = [0] * pool.num_groups
+        stats = {"rows": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                 "group_restarts": 0}
+        bar = tqdm(total=self.todo, unit="row", file=sys.stderr, dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 10)
+        writer = ShardWriter(self.out, self.plan.id_type, cfg.data.shard_rows)
+
+        def put(row) -> None:
+            writer.add(row)
+            stats["rows"] += 1
+            stats["errors"] += row.finish_reason == "error"
+            stats["prompt_tokens"] += row.prompt_tokens
+            stats["completion_tokens"] += row.completion_tokens
+            bar.update(1)
+
+        def take(n: int) -> list[Request]:
+            out: list[Request] = []
+            while len(out) < n and retry:
+                out.append(retry.popleft())
+            while len(out) < n:
+                row = next(rows, None)
+                if row is None:
+                    break
+                r = to_request(row, self.tok, self.base, self.mcfg.vocab_size, max_len)
+                if isinstance(r, Request):
+                    out.append(r)
+                else:
+                    put(r)
+            return out
+
+        def feed(g: int) -> bool:
+            new = take(cap - len(inflight[g]))
+            inflight[g].update((r.row_id, r) for r in new)
+            if inflight[g]:
+                pool.submit(g, new, return_after)
+            return bool(inflight[g])
+
+        busy = {g for g in range(pool.num_groups) if feed(g)}
+        try:
+            while busy:
+                g, result, st = pool.wait()
+                if isinstance(result, Exception):
+                    restarts[g] += 1
+                    stats["group_restarts"] += 1
+                    if restarts[g] > cfg.ray.max_group_restarts:
+                        raise JobFailed(f"group {g} failed {restarts[g]} times; last error: "
+                                        f"{result}") from result
+                    log.warning("group %d failed (%s); rebuilding (%d/%d), re-running its %d "
+                                "unfinished rows", g, result, restarts[g],
+                                cfg.ray.max_group_restarts, len(inflight[g]))
+                    retry.extendleft(reversed(list(inflight[g].values())))
+                    inflight[g].clear()
+                    pool.restart(g)
+                else:
+                    for f in result:
+                        req = inflight[g].pop(f.request_id)
+                        put(error_row(f.request_id, f.error, f.prompt_tokens) if f.error else
+                            finished_row(f.request_id, f.prompt_tokens, f.output_ids,
+                                         f.finish_reason, f.stop_text, self.tok, eos))
+                        del req
+                    el = max(time.time() - t0, 1e-9)
+                    bar.set_postfix_str(f"{stats['completion_tokens'] / el:.0f} tok/s", refresh=False)
+                if not feed(g):
+                    busy.discard(g)
+        finally:
+            writer.close()
+            bar.close()
+            pool.shutdown()
+        wall = time.time() - t0
+        manifest = {"rows_total": self.plan.num_rows, "rows_this_run": stats["rows"],
+                    "rows_done_before": self.plan.num_rows - self.todo, **stats,
+                    "wall_s": round(wall, 3),
+                    "rows_per_s": round(stats["rows"] / wall, 3),
+                    "output_tokens_per_s": round(stats["completion_tokens"] / wall, 3),
+                    "shards_written": [p.name for p in writer.files],
+                    "memory_plan": f0, "config": self.cfg.to_dict()}
+        write_manifest(self.out, manifest)
+        return manifest
+
+
+def _describe(f: dict) -> str:
+    return (f"weights {f['weight_bytes'] / 2**30:.3f} GiB, KV {f['kv_bytes_per_token']} B/token, "
+            f"cache {f['num_blocks']} blocks x {f['block_size']} = {f['cache_tokens']} tokens, "
+            f"max_model_len {f['max_model_len']}")

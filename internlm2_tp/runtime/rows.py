@@ -1,0 +1,93 @@
+"""Rows <-> engine requests: tokenizing (text, chat template or given ids), per-row sampling
+parameters, and turning finished token ids back into output rows (detokenized, stop strings cut).
+
+A row that cannot run on its own (bad prompt form, out-of-vocab ids, longer than the context)
+becomes an output row with finish_reason "error" and a message naming the row and the cause;
+the job goes on. Prompts are never truncated silently: over the context is an error row.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from typing import Any
+
+from internlm2_tp.engine.sampler import SamplingParams
+from internlm2_tp.job_config import GenerationSection
+from internlm2_tp.runtime.io import InputRow
+from internlm2_tp.runtime.output import OutputRow
+from internlm2_tp.tokenizer import Tokenizer
+
+
+@dataclass
+class Request:
+    row_id: Any
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+def row_seed(job_seed: int, row_id: Any) -> int:
+    """A row's default seed: a stable function of the job seed and the row id, so a row samples
+    the same whatever batch, replica or rerun it lands in."""
+    h = hashlib.blake2b(f"{job_seed}\x00{type(row_id).__name__}\x00{row_id}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def base_params(gen: GenerationSection) -> SamplingParams:
+    return SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                          top_p=gen.top_p, top_k=gen.top_k,
+                          repetition_penalty=gen.repetition_penalty, seed=gen.seed,
+                          ignore_eos=gen.ignore_eos, stop_token_ids=tuple(gen.stop_token_ids),
+                          stop=tuple(gen.stop))
+
+
+def error_row(row_id: Any, message: str, prompt_tokens: int = 0) -> OutputRow:
+    return OutputRow(id=row_id, completion="", completion_token_ids=[],
+                     prompt_tokens=prompt_tokens, completion_tokens=0, finish_reason="error",
+                     error=message)
+
+
+def to_request(row: InputRow, tok: Tokenizer, base: SamplingParams, vocab_size: int,
+               max_model_len: int) -> Request | OutputRow:
+    """The engine request for a row, or the error row that replaces it."""
+    if row.error is not None:
+        return error_row(row.id, row.error)
+    try:
+        if row.prompt is not None:
+            ids = tok.encode(row.prompt)
+        elif row.messages is not None:
+            ids = tok.apply_chat_template(row.messages)
+        else:
+            ids = list(row.token_ids or [])
+    except ValueError as e:
+        return error_row(row.id, f"row id {row.id!r}: {e}")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        return error_row(row.id, f"row id {row.id!r}: token id {bad} is outside the vocabulary "
+                                 f"[0, {vocab_size})", len(ids))
+    if len(ids) >= max_model_len:
+        return error_row(row.id, f"row id {row.id!r}: prompt of {len(ids)} tokens does not fit "
+                                 f"the context (max_model_len {max_model_len}, room for at least "
+                                 f"one new token needed); prompts are not truncated", len(ids))
+    ov = row.overrides
+    try:
+        params = replace(base, seed=int(ov["seed"]) if ov.get("seed") is not None
+                         else row_seed(base.seed, row.id),
+                         **{k: ov[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k")
+                            if ov.get(k) is not None})
+    except ValueError as e:
+        return error_row(row.id, f"row id {row.id!r}: {e}", len(ids))
+    return Request(row.id, ids, params)
+
+
+def finished_row(row_id: Any, prompt_tokens: int, output_ids: list[int], finish_reason: str,
+                 stop_text: str | None, tok: Tokenizer, eos_ids: tuple[int, ...]) -> OutputRow:
+    """Text of the completion: specials skipped (so a final eos / <|im_end|> never shows), and cut
+    before the stop string that ended it."""
+    text = tok.decode(output_ids)
+    if stop_text is not None:
+        cut = text.find(stop_text)
+        if cut >= 0:
+            text = text[:cut]
+    return OutputRow(id=row_id, completion=text, completion_token_ids=list(output_ids),
+                     prompt_tokens=prompt_tokens, completion_tokens=len(output_ids),
+                     finish_reason=finish_reason, error=None)

@@ -1,0 +1,117 @@
+"""One rank: one device, one shard of the model, one engine. Used as the body of a Ray actor and
+of a torchrun rank alike.
+
+Every rank of a group receives the same `run()` calls in the same order and runs the same
+deterministic engine loop; only rank 0's results are shipped back (the others return a digest
+of theirs, so the driver can prove the ranks agreed).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from internlm2_tp.checkpoint import CheckpointReader
+from internlm2_tp.config import ModelConfig, resolve_dtype
+from internlm2_tp.engine.engine import Engine, EngineConfig, Finished
+from internlm2_tp.model import InternLM2Model
+from internlm2_tp.parallel.device import (destroy_tp_group, init_tp_group, local_device,
+                                          resolve_device_type)
+from internlm2_tp.runtime.rows import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerSpec:
+    model_path: str
+    dtype: str
+    device: str                     # auto, npu, cuda, cpu
+    tp: int
+    rank: int
+    master_addr: str
+    master_port: int
+    engine: EngineConfig
+    timeout_s: float = 600.0
+    env: dict[str, str] = field(default_factory=dict)   # e.g. HCCL_* settings
+    threads: int = 0                # torch CPU threads; 0: leave torch's default
+    need_tokenizer: bool = False    # stop strings are matched on text inside the engine
+    local_index: int = 0            # device index on the node (0 under Ray: one visible device)
+
+
+def digest(results: list[Finished]) -> str:
+    h = hashlib.sha256()
+    for f in results:
+        h.update(repr((f.request_id, f.output_ids, f.finish_reason)).encode())
+    return h.hexdigest()
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.engine: Engine | None = None
+
+    def set_master(self, addr: str, port: int) -> None:
+        self.spec.master_addr, self.spec.master_port = addr, port
+
+    def setup(self) -> dict[str, Any]:
+        """Join the group, load this rank's shard, size the KV cache. Returns the facts."""
+        s = self.spec
+        os.environ.update(s.env)
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        t0 = time.perf_counter()
+        device_type = resolve_device_type(s.device)
+        device = local_device(device_type, s.local_index)
+        cfg = ModelConfig.from_dir(s.model_path)
+        dtype = resolve_dtype(s.dtype, cfg, device_type)
+        tp = init_tp_group(device_type, s.rank, s.tp, s.master_addr, s.master_port, s.timeout_s)
+        model = InternLM2Model(cfg, tp, dtype, device)
+        reader = CheckpointReader(s.model_path)
+        model.load_weights(reader)
+        load_s = time.perf_counter() - t0
+        tokenizer = None
+        if s.need_tokenizer:
+            from internlm2_tp.tokenizer import Tokenizer
+            tokenizer = Tokenizer.from_dir(s.model_path)
+        self.engine = Engine(model, s.engine, cfg.eos_token_id, tokenizer)
+        facts = self.engine.facts
+        if s.rank == 0:
+            log.info("rank 0 ready in %.1fs on %s (%s): %s", load_s, device, dtype, facts.describe())
+        return {"rank": s.rank, "device": str(device), "dtype": str(dtype), "load_s": load_s,
+                "facts": facts.__dict__, "pid": os.getpid(),
+                "checkpoint_bytes": reader.total_bytes()}
+
+    def run(self, requests: list[Request], return_after: int) -> tuple[list[Finished] | str, dict]:
+        """Queue `requests`, then step until at least `return_after` rows finished (or no work
+        is left). Rank 0 returns the finished rows, other ranks a digest of theirs."""
+        eng = self.engine
+        assert eng is not None, "setup() first"
+        done: list[Finished] = []
+        for r in requests:
+            try:
+                eng.add_request(r.row_id, r.prompt_ids, r.params)
+            except ValueError as e:  # this row alone cannot run (e.g. longer than the cache)
+                done.append(Finished(r.row_id, len(r.prompt_ids), [], "error", error=str(e)))
+        t0 = time.perf_counter()
+        steps0, toks0 = eng.steps, eng.tokens_generated
+        while eng.has_work() and len(done) < max(1, return_after):
+            done += eng.step()
+        stats = {"steps": eng.steps - steps0, "tokens": eng.tokens_generated - toks0,
+                 "busy_s": time.perf_counter() - t0, "unfinished": eng.num_unfinished(),
+                 "preemptions": eng.scheduler.num_preemptions,
+                 "prefix_hit_tokens": eng.blocks.prefix_hit_tokens}
+        return (done if self.spec.rank == 0 else digest(done)), stats
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            destroy_tp_group(self.engine.model.tp)
+            self.engine = None
+
+    def ping(self) -> int:
+        return os.getpid()

@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""The batch job without Ray: `torchrun --nproc-per-node N launch/torchrun_infer.py key=value ...`.
+
+tp = N (one tensor-parallel group). Rank 0 validates the job, reads Parquet and writes the output
+exactly as the Ray path does; every rank runs the same engine loop. A failed rank ends the job;
+rerunning the same command resumes where it stopped.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from internlm2_tp.cli import main_guard  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    import torch.distributed as dist
+
+    from internlm2_tp.job_config import JobConfigError, load_job_config
+    from internlm2_tp.parallel.device import BACKENDS, resolve_device_type
+    from internlm2_tp.runtime.driver import Job
+    from internlm2_tp.runtime.torchrun_pool import TorchrunPool, follow
+    from internlm2_tp.runtime.worker import Worker, WorkerSpec
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cfg = load_job_config(ROOT / "conf" / "batch_infer.yaml", argv)
+    if any(a.startswith("parallel.tp=") for a in argv) and cfg.parallel.tp != world:
+        raise JobConfigError(f"parallel.tp={cfg.parallel.tp} but torchrun started {world} ranks "
+                             "(tp is --nproc-per-node under torchrun)")
+    if cfg.parallel.replicas != 1:
+        raise JobConfigError("parallel.replicas must be 1 under torchrun (use Ray for replicas)")
+    cfg.parallel.tp = world
+    device = resolve_device_type(cfg.parallel.device)
+    if device == "cpu" and os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if world > 1:
+        dist.init_process_group(BACKENDS[device], init_method="env://",
+                                timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    # Control messages (requests, stop) travel over a CPU group whatever the device backend.
+    ctrl = dist.new_group(backend="gloo") if world > 1 and device != "cpu" else None
+    spec = WorkerSpec(model_path=cfg.model.path, dtype=cfg.model.dtype, device=device, tp=world,
+                      rank=rank, master_addr="env", master_port=0, engine=cfg.engine,
+                      timeout_s=cfg.parallel.timeout_s,
+                      env=cfg.parallel.hccl_env() if device == "npu" else {},
+                      need_tokenizer=bool(cfg.generation.stop), local_index=local)
+    worker = Worker(spec)
+    pool = TorchrunPool(worker, ctrl)
+    if rank != 0:
+        return follow(pool)
+    try:
+        job = Job(cfg)  # validation before any weight is read; followers wait for the verdict
+    except BaseException as e:
+        pool.abort(f"rank 0: {e}")
+        raise
+    pool.go()
+    manifest = job.run(pool)
+    print(f"rows={manifest['rows_this_run']} errors={manifest['errors']} "
+          f"output_tokens_per_s={manifest['output_tokens_per_s']} output={cfg.data.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main, sys.argv[1:]))

@@ -1,0 +1,43 @@
+"""The command-line contract: OmegaConf dotlist overrides on conf/batch_infer.yaml."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import ROOT
+from internlm2_tp.job_config import JobConfig, JobConfigError, load_job_config
+
+YAML = ROOT / "conf" / "batch_infer.yaml"
+
+
+def test_yaml_matches_schema_defaults():
+    assert load_job_config(YAML, []) == JobConfig()
+
+
+def test_overrides_apply():
+    cfg = load_job_config(YAML, ["model.path=/m", "parallel.tp=4", "parallel.replicas=2",
+                                 "generation.stop=[END,'###']", "engine.block_size=16",
+                                 "data.overwrite=true", "generation.temperature=0.7"])
+    assert (cfg.model.path, cfg.parallel.tp, cfg.parallel.replicas) == ("/m", 4, 2)
+    assert cfg.generation.stop == ["END", "###"] and cfg.engine.block_size == 16
+    assert cfg.data.overwrite is True and cfg.generation.temperature == 0.7
+
+
+@pytest.mark.parametrize("override,culprit", [
+    ("model.pth=/x", "model.pth"),
+    ("nonsense=1", "nonsense"),
+    ("parallel.tp=two", "parallel.tp"),
+    ("generation.max_new_tokens=1.5", "generation.max_new_tokens"),
+    ("data.overwrite=maybe", "data.overwrite"),
+    ("engine.block_sizes=3", "engine.block_sizes"),
+    ("model.dtype=int8", "model.dtype"),
+    ("parallel.device=tpu", "parallel.device"),
+    ("parallel.tp=0", "parallel.tp"),
+    ("generation.temperature=-1", "temperature"),
+    ("generation.top_p=0", "top_p"),
+    ("engine.max_num_seqs=0", "engine.max_num_seqs"),
+    ("parallel.hccl_connect_timeout=5", "parallel.hccl_connect_timeout"),
+    ("justakey", "justakey"),
+])
+def test_bad_override_names_key(override, culprit):
+    with pytest.raises(JobConfigError, match=culprit.replace(".", r"\.")):
+        load_job_config(YAML, [override])
