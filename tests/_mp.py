@@ -1,6 +1,7 @@
 """Run a function on N real processes joined in a gloo group on loopback (spawned, not forked)."""
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import traceback
@@ -14,7 +15,10 @@ def _child(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
         import torch
 
         torch.set_num_threads(1 if world > 2 else 2)
-        q.put((rank, "ok", fn(rank, world, port, *args)))
+        buf = io.BytesIO()
+        # plain bytes: a tensor put on the queue would be shared by fd, which dies with the child
+        torch.save(fn(rank, world, port, *args), buf)
+        q.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - ship any failure to the parent
         q.put((rank, "error", traceback.format_exc()))
 
@@ -35,7 +39,9 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 3
             rank, status, value = q.get(timeout=timeout)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            import torch
+
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=10)

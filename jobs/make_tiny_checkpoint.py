@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Write a tiny InternLM2 checkpoint in the published layout.
+
+    python jobs/make_tiny_checkpoint.py out=DIR [hidden_size=192 num_attention_heads=48 ...]
+
+Keys are the fields of internlm2_tp.tiny.TinySpec (unknown keys are refused), e.g.
+format=bin, dtype=float32, num_shards=3, rope_scaling='{type: dynamic, factor: 2.0}'.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint  # noqa: E402
+
+
+@dataclass
+class Args:
+    out: str = ""
+    spec: TinySpec = field(default_factory=TinySpec)
+
+
+def main(argv: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from internlm2_tp.job_config import JobConfigError
+
+    # `key=value` for TinySpec fields; `out=` is the destination
+    keyed = [a if a.startswith("out=") else f"spec.{a}" for a in argv]
+    try:
+        args = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Args),
+                                                   OmegaConf.from_dotlist(keyed)))
+    except Exception as e:  # noqa: BLE001 - OmegaConf and __post_init__ errors alike
+        raise JobConfigError(str(e).splitlines()[0].replace("spec.", "")) from e
+    if not args.out:
+        raise JobConfigError("out=DIR is required")
+    out = write_tiny_checkpoint(args.out, args.spec)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    from internlm2_tp.cli import main_guard
+
+    sys.exit(main_guard(main, sys.argv[1:]))
