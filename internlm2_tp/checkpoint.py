@@ -146,17 +146,39 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: tensor {name} is missing from the checkpoint")
         return self.weight_map[name]
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def _bin_tensor(self, name: str) -> torch.Tensor:
         f = self.file_of(name)
+        sd = self._load_bin(f)
+        if name not in sd:
+            raise CheckpointError(f"{f}: the index puts tensor {name} in this file, which does "
+                                  "not contain it")
+        return sd[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
         if name in self._meta:
             return self._meta[name][0]
-        return tuple(self._load_bin(f)[name].shape)
+        return tuple(self._bin_tensor(name).shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name in self._meta:
+            return self._meta[name][1]
+        return self._bin_tensor(name).dtype
+
+    def _expect_float(self, name: str, dtype: torch.dtype) -> None:
+        # Model weights are floating point; an integer (or quantized) tensor would be silently
+        # converted by copy_() into garbage weights, so it is refused, naming the tensor.
+        if not dtype.is_floating_point or dtype.itemsize < 2:
+            raise CheckpointError(f"{self.file_of(name)}: tensor {name} has dtype "
+                                  f"{str(dtype).replace('torch.', '')}, expected a floating-point "
+                                  "weight (float32, bfloat16, float16)")
 
     def expect_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        """Check a tensor's full shape against the config (and that it is a float weight)."""
         got = self.shape(name)
         if got != tuple(shape):
             raise CheckpointError(f"{self.file_of(name)}: tensor {name} has shape {list(got)}, "
                                   f"the config needs {list(shape)}")
+        self._expect_float(name, self.dtype(name))
 
     def read(self, name: str, rows: Range | None = None, cols: Range | None = None) -> torch.Tensor:
         """The [rows, cols] block of tensor `name` (whole dims when None), as a new tensor."""
@@ -164,11 +186,12 @@ class CheckpointReader:
         r = slice(*rows) if rows else slice(None)
         c = slice(*cols) if cols else slice(None)
         try:
+            self._expect_float(name, self.dtype(name))
             if f.suffix == ".safetensors":
                 with safe_open(f, framework="pt") as h:
                     sl = h.get_slice(name)
                     return sl[r] if len(self.shape(name)) == 1 else sl[r, c]
-            t = self._load_bin(f)[name]
+            t = self._bin_tensor(name)
             return (t[r] if t.dim() == 1 else t[r, c]).clone()
         except CheckpointError:
             raise

@@ -1,5 +1,6 @@
 """What every entry point does with errors: a one-line message naming the culprit, no traceback,
-distinct exit codes (2: bad input or config, 1: the job failed, 130: interrupted)."""
+distinct exit codes (2: bad input, config or checkpoint; 1: the job failed; 130: interrupted by
+Ctrl-C; 143: SIGTERM). In every case finished rows are already in whole shards: rerun to resume."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ from typing import Callable
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -26,6 +28,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def main_guard(main: Callable[[list[str]], int], argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from internlm2_tp.runtime.driver import JobFailed
+    from internlm2_tp.runtime.interrupts import Terminated
 
     try:
         return main(argv)
@@ -33,9 +36,14 @@ def main_guard(main: Callable[[list[str]], int], argv: list[str]) -> int:
         print("\ninterrupted: finished rows are saved; rerun the same command to resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print("terminated (SIGTERM): finished rows are saved; rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_TERMINATED
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except JobFailed as e:
-        print(f"job failed: {e}", file=sys.stderr)
+        print(f"job failed: {e}\nfinished rows are saved; rerun the same command to resume",
+              file=sys.stderr)
         return EXIT_FAILED

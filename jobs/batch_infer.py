@@ -43,8 +43,13 @@ def main(argv: list[str]) -> int:
             extra.append("parallel.device=cpu")
         cfg = load_job_config(ROOT / "conf" / "batch_infer.yaml", overrides + extra)
     job = Job(cfg)   # every cheap check (config, checkpoint, input, output dir) before Ray starts
-    pool = make_ray_pool(cfg)
-    manifest = job.run(pool)
+    import ray
+
+    try:
+        pool = make_ray_pool(cfg)
+        manifest = job.run(pool)   # shuts the pool down (kills every actor) however it ends
+    finally:
+        ray.shutdown()
     print_summary(manifest, Path(cfg.data.output))
     return 0
 
@@ -73,7 +78,8 @@ def make_ray_pool(cfg):
                       env=cfg.parallel.hccl_env() if device == "npu" else {},
                       threads=int(cpus) if device == "cpu" else 0,
                       need_tokenizer=bool(cfg.generation.stop))
-    return RayPool(spec, cfg.parallel.replicas, device, float(cpus), cfg.parallel.timeout_s)
+    return RayPool(spec, cfg.parallel.replicas, device, float(cpus), cfg.parallel.timeout_s,
+                   start_retries=cfg.ray.max_group_restarts)
 
 
 def print_summary(manifest: dict, out: Path) -> None:

@@ -7,6 +7,7 @@ sampler is a pure function of (logits, row seed, step), so every rank picks the 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,7 @@ class Finished:
     finish_reason: str                # "stop", "length", or "error" (the row alone is bad)
     stop_text: str | None = None      # the stop string that ended it, if any
     error: str | None = None
+    ttft_s: float = 0.0               # time from add_request to the first new token
 
 
 def plan_cache(model: InternLM2Model, cfg: EngineConfig, eos_ids: tuple[int, ...]) -> RuntimeFacts:
@@ -116,7 +118,8 @@ class Engine:
         if len(prompt_ids) >= self.facts.max_model_len:
             raise ValueError(f"row {request_id!r}: prompt of {len(prompt_ids)} tokens leaves no "
                              f"room to generate within max_model_len {self.facts.max_model_len}")
-        seq = Sequence(self._next_id, request_id, list(prompt_ids), params)
+        seq = Sequence(self._next_id, request_id, list(prompt_ids), params,
+                       arrival=time.perf_counter())
         if params.stop and self.tokenizer is not None:
             from internlm2_tp.tokenizer import IncrementalDetokenizer
             seq.detok = IncrementalDetokenizer(self.tokenizer)
@@ -130,6 +133,12 @@ class Engine:
         return len(self.scheduler.waiting) + len(self.scheduler.running)
 
     def _metadata(self, step) -> tuple[torch.Tensor, AttentionMetadata, list[Sequence]]:
+        # Sequences with one new token (decodes) first: attention takes a faster path for them.
+        order = sorted(range(len(step.seqs)), key=lambda i: step.num_new[i] > 1)
+        seqs = [step.seqs[i] for i in order]
+        news = [step.num_new[i] for i in order]
+        samples = [step.samples[i] for i in order]
+        nd = sum(n == 1 for n in news)
         ids: list[int] = []
         pos: list[int] = []
         rope: list[int] = []
@@ -137,7 +146,8 @@ class Engine:
         last: list[int] = []
         sampled: list[Sequence] = []
         bs = self.cfg.block_size
-        for seq, n in zip(step.seqs, step.num_new):
+        offset = 0
+        for seq, n, s in zip(seqs, news, samples):
             start = seq.num_computed
             ids += seq.tokens(start, start + n)
             rng = range(start, start + n)
@@ -145,15 +155,13 @@ class Engine:
             rope += [seq.rope_length(p) for p in rng]
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in rng]
-        offset = 0
-        for seq, n, s in zip(step.seqs, step.num_new, step.samples):
             offset += n
             if s:
                 last.append(offset - 1)
                 sampled.append(seq)
-        width = max(len(s.block_table) for s in step.seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in step.seqs]
-        ctx = [s.num_computed + n for s, n in zip(step.seqs, step.num_new)]
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        ctx = [s.num_computed + n for s, n in zip(seqs, news)]
         dev = self.model.device
 
         def t(x: list) -> torch.Tensor:
@@ -161,8 +169,9 @@ class Engine:
 
         meta = AttentionMetadata(
             positions=t(pos), rope_lengths=t(rope), slot_mapping=t(slots), block_tables=t(tables),
-            context_lens=t(ctx), query_lens=t(step.num_new), logits_indices=t(last),
-            max_query_len=max(step.num_new), max_context_len=max(ctx))
+            context_lens=t(ctx), query_lens=t(news), logits_indices=t(last), num_decodes=nd,
+            max_decode_context=max(ctx[:nd], default=0), max_prefill_query=max(news[nd:], default=0),
+            max_prefill_context=max(ctx[nd:], default=0))
         return t(ids), meta, sampled
 
     def step(self) -> list[Finished]:
@@ -180,14 +189,17 @@ class Engine:
             return []
         tokens = self._sample(logits, sampled).tolist()
         done: list[Finished] = []
+        now = time.perf_counter()
         for seq, tok in zip(sampled, tokens):
+            if not seq.output_ids:
+                seq.first_token_at = now
             seq.output_ids.append(tok)
             self.tokens_generated += 1
             reason, stop_text = self._stop(seq, tok)
             if reason:
                 self.scheduler.finish(seq, reason)
                 done.append(Finished(seq.request_id, seq.prompt_len, seq.output_ids, reason,
-                                     stop_text))
+                                     stop_text, ttft_s=seq.first_token_at - seq.arrival))
         return done
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

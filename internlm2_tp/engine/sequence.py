@@ -30,6 +30,8 @@ class Sequence:
     finish_reason: str | None = None
     preemptions: int = 0
     detok: Any = None                # IncrementalDetokenizer when the row has stop strings
+    arrival: float = 0.0             # perf_counter() when added
+    first_token_at: float = 0.0      # perf_counter() when its first new token was sampled
 
     @property
     def prompt_len(self) -> int:

@@ -4,7 +4,8 @@ Order of work: everything cheap is validated first (config, config.json, tp, tok
 input file's schema and ids, the output directory), then the groups start and load weights. Rows
 stream from the input in bounded memory; each group holds a bounded number of rows in flight;
 finished rows go to atomically written shards. A group that dies is rebuilt and its unfinished
-rows re-run (bounded retries). Ctrl-C flushes finished rows and leaves a resumable directory.
+rows re-run (bounded retries; a failed rebuild counts as a failure). Ctrl-C / SIGTERM flush
+finished rows (never mid-shard) and leave a resumable directory; the pool is always shut down.
 """
 from __future__ import annotations
 
@@ -19,10 +20,14 @@ from typing import Any, Iterator, Protocol
 
 from tqdm import tqdm
 
+from internlm2_tp.checkpoint import CheckpointError
+from internlm2_tp.cli import user_errors
 from internlm2_tp.config import ModelConfig, check_tp
-from internlm2_tp.job_config import JobConfig
+from internlm2_tp.job_config import JobConfig, JobConfigError
+from internlm2_tp.runtime.interrupts import InterruptGuard
 from internlm2_tp.runtime.io import InputColumns, InputRow, iter_rows, plan_input
 from internlm2_tp.runtime.output import ShardWriter, prepare_output_dir, write_manifest
+from internlm2_tp.runtime.preflight import check_checkpoint
 from internlm2_tp.runtime.rows import Request, base_params, error_row, finished_row, to_request
 from internlm2_tp.tokenizer import Tokenizer
 
@@ -60,21 +65,31 @@ class Job:
         self.cfg = cfg
         d = cfg.data
         if not cfg.model.path:
-            raise JobFailed("model.path is required (an InternLM2 or Llama-layout HF checkpoint dir)")
+            raise JobConfigError("model.path is required (an InternLM2 or Llama-layout HF checkpoint dir)")
         if not d.input:
-            raise JobFailed("data.input is required (a Parquet file, directory or glob)")
+            raise JobConfigError("data.input is required (a Parquet file, directory or glob)")
         if not d.output:
-            raise JobFailed("data.output is required (a directory)")
+            raise JobConfigError("data.output is required (a directory)")
         self.mcfg = ModelConfig.from_dir(cfg.model.path)
         check_tp(self.mcfg, cfg.parallel.tp)
+        check_checkpoint(cfg.model.path, self.mcfg)   # a dry load: names the file and tensor
         self.tok = Tokenizer.from_dir(cfg.model.path)
         if self.tok.vocab_size > self.mcfg.vocab_size:
-            raise JobFailed(f"{cfg.model.path}: tokenizer.model has {self.tok.vocab_size} pieces but "
-                            f"config.json vocab_size is {self.mcfg.vocab_size}")
-        self.columns = InputColumns(d.id_column, d.prompt_column, d.messages_column,
-                                    d.token_ids_column)
+            raise CheckpointError(f"{cfg.model.path}: tokenizer.model has {self.tok.vocab_size} "
+                                  f"pieces but config.json vocab_size is {self.mcfg.vocab_size}")
+        try:
+            self.columns = InputColumns(d.id_column, d.prompt_column, d.messages_column,
+                                        d.token_ids_column)
+        except ValueError as e:
+            raise JobConfigError(f"data.*_column: {e}") from e
         self.plan = plan_input(d.input, self.columns)           # job-level input errors: here
         self.out = Path(d.output)
+        out = self.out.resolve()
+        inside = [f for f in self.plan.files if f.resolve() == out or out in f.resolve().parents]
+        if inside:
+            raise JobConfigError(f"data.output {d.output!r} contains input file {inside[0]}: the "
+                                 "output shards would be read back as input; choose an output "
+                                 "directory outside data.input")
         self.done_ids = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg), d.overwrite)
         self.base = base_params(cfg.generation)
         self.todo = self.plan.num_rows - (len(self.done_ids) if self.done_ids is not None else 0)
@@ -84,12 +99,51 @@ class Job:
             yield from batch
 
     def run(self, pool: Pool) -> dict:
+        """Run every row not yet in the output. Whatever happens (a group lost for good, bad
+        input found mid-stream, Ctrl-C, SIGTERM), finished rows are flushed to whole shards and
+        the pool is shut down; the directory stays resumable."""
         cfg, t0 = self.cfg, time.time()
         log.info("%d rows in %d file(s); %d already done in %s; %d to run",
                  self.plan.num_rows, len(self.plan.files), self.plan.num_rows - self.todo,
                  self.out, self.todo)
-        facts = pool.start()
-        f0 = facts[0]["facts"]
+        stats = {"rows": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                 "group_restarts": 0}
+        writer = ShardWriter(self.out, self.plan.id_type, cfg.data.shard_rows)
+        bar = tqdm(total=self.todo, unit="row", file=sys.stderr, dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 10)
+        guard = InterruptGuard()
+        with guard:
+            try:
+                f0 = self._loop(pool, writer, stats, bar, guard, t0)
+            finally:
+                with guard.critical(reraise=False):
+                    writer.close()
+                    bar.close()
+                    _shutdown(pool)
+        wall = time.time() - t0
+        manifest = {"rows_total": self.plan.num_rows, "rows_this_run": stats["rows"],
+                    "rows_done_before": self.plan.num_rows - self.todo, **stats,
+                    "wall_s": round(wall, 3),
+                    "rows_per_s": round(stats["rows"] / wall, 3),
+                    "output_tokens_per_s": round(stats["completion_tokens"] / wall, 3),
+                    "shards_written": [p.name for p in writer.files],
+                    "memory_plan": f0, "config": self.cfg.to_dict()}
+        write_manifest(self.out, manifest)
+        return manifest
+
+    def _start(self, pool: Pool) -> dict:
+        try:
+            facts = pool.start()
+        except (JobFailed, *user_errors()):  # a bad checkpoint found by a rank: exit code 2
+            raise
+        except Exception as e:  # noqa: BLE001 - placement, actor start, rendezvous, load
+            raise JobFailed(f"the tensor-parallel group(s) could not start: {e}") from e
+        return facts[0]["facts"]
+
+    def _loop(self, pool: Pool, writer: ShardWriter, stats: dict, bar: tqdm,
+              guard: InterruptGuard, t0: float) -> dict:
+        cfg = self.cfg
+        f0 = self._start(pool)
         log.info("memory plan per rank: %s", _describe(f0))
         max_len, eos = f0["max_model_len"], tuple(f0["eos_ids"])
         cap = cfg.ray.inflight_per_group or 2 * cfg.engine.max_num_seqs
@@ -97,14 +151,10 @@ class Job:
         rows, retry = self._rows(), deque()
         inflight: list[dict[Any, Request]] = [{} for _ in range(pool.num_groups)]
         restarts = [0] * pool.num_groups
-        stats = {"rows": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                 "group_restarts": 0}
-        bar = tqdm(total=self.todo, unit="row", file=sys.stderr, dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 10)
-        writer = ShardWriter(self.out, self.plan.id_type, cfg.data.shard_rows)
 
         def put(row) -> None:
-            writer.add(row)
+            with guard.critical():   # a row is in the shard buffer (or written) exactly once
+                writer.add(row)
             stats["rows"] += 1
             stats["errors"] += row.finish_reason == "error"
             stats["prompt_tokens"] += row.prompt_tokens
@@ -133,47 +183,51 @@ class Job:
                 pool.submit(g, new, return_after)
             return bool(inflight[g])
 
-        busy = {g for g in range(pool.num_groups) if feed(g)}
-        try:
-            while busy:
-                g, result, st = pool.wait()
-                if isinstance(result, Exception):
-                    restarts[g] += 1
-                    stats["group_restarts"] += 1
-                    if restarts[g] > cfg.ray.max_group_restarts:
-                        raise JobFailed(f"group {g} failed {restarts[g]} times; last error: "
-                                        f"{result}") from result
-                    log.warning("group %d failed (%s); rebuilding (%d/%d), re-running its %d "
-                                "unfinished rows", g, result, restarts[g],
-                                cfg.ray.max_group_restarts, len(inflight[g]))
-                    retry.extendleft(reversed(list(inflight[g].values())))
-                    inflight[g].clear()
+        def recover(g: int, cause: BaseException) -> None:
+            """Requeue the group's unfinished rows and rebuild it; a failed rebuild is one more
+            failure. Past ray.max_group_restarts the job fails, naming the group and cause."""
+            retry.extendleft(reversed(list(inflight[g].values())))
+            n, limit = len(inflight[g]), cfg.ray.max_group_restarts
+            inflight[g].clear()
+            while True:
+                restarts[g] += 1
+                stats["group_restarts"] += 1
+                if restarts[g] > limit:
+                    raise JobFailed(f"group {g} failed {restarts[g]} times "
+                                    f"(ray.max_group_restarts={limit}); last cause: {cause}")
+                log.warning("group %d failed (%s); rebuilding (%d/%d), re-running its %d "
+                            "unfinished rows", g, cause, restarts[g], limit, n)
+                try:
                     pool.restart(g)
-                else:
-                    for f in result:
-                        req = inflight[g].pop(f.request_id)
-                        put(error_row(f.request_id, f.error, f.prompt_tokens) if f.error else
-                            finished_row(f.request_id, f.prompt_tokens, f.output_ids,
-                                         f.finish_reason, f.stop_text, self.tok, eos))
-                        del req
-                    el = max(time.time() - t0, 1e-9)
-                    bar.set_postfix_str(f"{stats['completion_tokens'] / el:.0f} tok/s", refresh=False)
-                if not feed(g):
-                    busy.discard(g)
-        finally:
-            writer.close()
-            bar.close()
-            pool.shutdown()
-        wall = time.time() - t0
-        manifest = {"rows_total": self.plan.num_rows, "rows_this_run": stats["rows"],
-                    "rows_done_before": self.plan.num_rows - self.todo, **stats,
-                    "wall_s": round(wall, 3),
-                    "rows_per_s": round(stats["rows"] / wall, 3),
-                    "output_tokens_per_s": round(stats["completion_tokens"] / wall, 3),
-                    "shards_written": [p.name for p in writer.files],
-                    "memory_plan": f0, "config": self.cfg.to_dict()}
-        write_manifest(self.out, manifest)
-        return manifest
+                    return
+                except JobFailed as e:   # the pool cannot rebuild groups (torchrun)
+                    raise JobFailed(f"group {g} failed: {cause}; {e}") from e
+                except Exception as e:  # noqa: BLE001 - counts as another failure
+                    cause = e
+
+        busy = {g for g in range(pool.num_groups) if feed(g)}
+        while busy:
+            g, result, st = pool.wait()
+            if isinstance(result, Exception):
+                recover(g, result)
+            else:
+                for f in result:
+                    inflight[g].pop(f.request_id)
+                    put(error_row(f.request_id, f.error, f.prompt_tokens) if f.error else
+                        finished_row(f.request_id, f.prompt_tokens, f.output_ids,
+                                     f.finish_reason, f.stop_text, self.tok, eos))
+                el = max(time.time() - t0, 1e-9)
+                bar.set_postfix_str(f"{stats['completion_tokens'] / el:.0f} tok/s", refresh=False)
+            if not feed(g):
+                busy.discard(g)
+        return f0
+
+
+def _shutdown(pool: Pool) -> None:
+    try:
+        pool.shutdown()
+    except Exception as e:  # noqa: BLE001 - the job's own outcome matters more
+        log.warning("pool shutdown: %s", e)
 
 
 def _describe(f: dict) -> str:

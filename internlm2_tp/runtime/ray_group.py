@@ -1,0 +1,205 @@
+"""One tensor-parallel group as Ray actors, one actor per device.
+
+Each group gets a STRICT_PACK placement group (one bundle per rank, so a group never spans
+nodes): bundles {"NPU": 1} on Ascend (the actor asks for the resource too, so Ray sets
+ASCEND_RT_VISIBLE_DEVICES and the actor's device is logical npu:0), {"GPU": 1} on CUDA, CPU
+bundles on CPU. Rendezvous is on loopback inside the node; the backend is the device's
+(hccl / nccl / gloo), bounded by parallel.timeout_s (and HCCL_* on Ascend).
+
+Nothing the group waits on is unbounded: every `ray.get` has a timeout, and while a run is in
+flight each rank answers a health check on its own thread (the `health` concurrency group), so
+a rank that is stopped, hung outside a collective, or dead is noticed within parallel.timeout_s.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from internlm2_tp.parallel.device import free_port
+from internlm2_tp.runtime.rows import Request
+from internlm2_tp.runtime.worker import Worker, WorkerSpec, digest
+
+log = logging.getLogger(__name__)
+
+
+class GroupFailed(RuntimeError):
+    """A rank of a group died, failed or hung; the group must be rebuilt."""
+
+
+def device_resources(device: str, cpus: float) -> tuple[dict[str, float], dict[str, Any]]:
+    """(placement bundle, actor options) for one rank."""
+    if device == "npu":
+        return {"CPU": cpus, "NPU": 1}, {"num_cpus": cpus, "resources": {"NPU": 1}}
+    if device == "cuda":
+        return {"CPU": cpus, "GPU": 1}, {"num_cpus": cpus, "num_gpus": 1}
+    return {"CPU": cpus}, {"num_cpus": cpus}
+
+
+@ray.remote(concurrency_groups={"health": 1})
+class RankActor(Worker):
+    """setup/run/shutdown run one at a time on the actor's default thread; `alive` answers on
+    its own thread, even while `run` is busy."""
+
+    def free_port(self) -> int:
+        return free_port()
+
+    @ray.method(concurrency_group="health")
+    def alive(self) -> int:
+        return os.getpid()
+
+
+def _short(e: BaseException) -> str:
+    cause = getattr(e, "cause", None)  # RayTaskError: the rank's own exception
+    e = cause if isinstance(cause, BaseException) else e
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:400] if lines else ''}"
+
+
+class RayGroup:
+    def __init__(self, index: int, base: WorkerSpec, device: str, cpus: float, timeout_s: float):
+        self.index, self.base, self.device, self.cpus = index, base, device, cpus
+        self.timeout_s = timeout_s
+        self.health_every_s = min(10.0, timeout_s / 3)
+        self.actors: list[Any] = []
+        self.pg = None
+        self.pids: list[int] = []
+        self.refs: list[Any] = []          # the run in flight: one ref per rank
+        self.digests: dict[int, str] = {}  # ranks > 0 that already answered this run
+        self.ping: tuple[list[Any], float] | None = None
+        self.last_ok = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> list[dict]:
+        return self.await_ready(self.launch())
+
+    def launch(self) -> list[Any]:
+        """Place the group, create its actors and start loading; returns the setup refs."""
+        bundle, opts = device_resources(self.device, self.cpus)
+        self.pg = placement_group([dict(bundle) for _ in range(self.base.tp)],
+                                  strategy="STRICT_PACK", name="")
+        done, _ = ray.wait([self.pg.ready()], timeout=self.timeout_s)
+        if not done:
+            self.kill()
+            raise GroupFailed(f"group {self.index}: Ray could not place {self.base.tp} x {bundle} "
+                              f"on one node within parallel.timeout_s={self.timeout_s:.0f}s "
+                              f"(cluster resources: {ray.cluster_resources()})")
+        self.actors = [
+            RankActor.options(**opts, max_restarts=0, scheduling_strategy=
+                              PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)
+                              ).remote(replace(self.base, rank=r))
+            for r in range(self.base.tp)]
+        try:
+            port = ray.get(self.actors[0].free_port.remote(), timeout=self.timeout_s)
+            # Every actor of the group is on one node (STRICT_PACK): rendezvous over loopback.
+            ray.get([a.set_master.remote("127.0.0.1", port) for a in self.actors],
+                    timeout=self.timeout_s)
+        except Exception as e:  # noqa: BLE001
+            self.kill()
+            raise GroupFailed(f"group {self.index}: actors did not start: {_short(e)}") from e
+        return [a.setup.remote() for a in self.actors]
+
+    def await_ready(self, refs: list[Any]) -> list[dict]:
+        """Rank facts once every rank loaded its shard. A bad checkpoint found by a rank is
+        re-raised as itself (a user error); anything else is GroupFailed."""
+        from internlm2_tp.cli import user_errors
+        try:
+            facts = ray.get(refs, timeout=self.timeout_s)
+        except Exception as e:  # noqa: BLE001
+            self.kill()
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, user_errors()):
+                raise cause from None
+            raise GroupFailed(f"group {self.index}: start failed: {_short(e)}") from e
+        self.pids = [f["pid"] for f in facts]
+        self.last_ok = time.monotonic()
+        log.info("group %d ready: %d rank(s), pids %s", self.index, len(facts), self.pids)
+        return facts
+
+    def kill(self) -> None:
+        """Kill the actors (a stopped or hung process too) and free the placement group."""
+        self.refs, self.digests, self.ping = [], {}, None
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead is fine
+                pass
+        self.actors = []
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+            self.pg = None
+
+    def shutdown(self) -> None:
+        """Leave the process group cleanly when idle, then kill: nothing is left running."""
+        if self.actors and not self.refs:
+            try:
+                ray.get([a.shutdown.remote() for a in self.actors], timeout=10)
+            except Exception:  # noqa: BLE001 - killed below anyway
+                pass
+        self.kill()
+
+    # -- one run ----------------------------------------------------------------------------------
+    def submit(self, requests: list[Request], return_after: int) -> None:
+        self.refs = [a.run.remote(requests, return_after) for a in self.actors]
+        self.digests = {}
+        self.last_ok = time.monotonic()
+
+    def waiting(self) -> list[tuple[int, Any]]:
+        """(rank, ref) of the ranks whose answer to the run in flight is still awaited."""
+        return [(r, ref) for r, ref in enumerate(self.refs) if r not in self.digests]
+
+    def on_ready(self, rank: int, ref: Any) -> tuple[list, dict] | None:
+        """A rank answered: rank 0 completes the run (the others' digests must match, within
+        the timeout); another rank's digest is kept, or its error fails the group."""
+        try:
+            if rank:
+                self.digests[rank] = ray.get(ref, timeout=self.timeout_s)[0]
+                return None
+            finished, stats = ray.get(ref, timeout=self.timeout_s)
+            rest = [(r, x) for r, x in enumerate(self.refs[1:], 1) if r not in self.digests]
+            got = ray.get([x for _, x in rest], timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            raise GroupFailed(f"group {self.index}: rank(s) did not finish the step within "
+                              f"parallel.timeout_s={self.timeout_s:.0f}s") from e
+        except Exception as e:  # noqa: BLE001 - actor death, a rank's exception
+            raise GroupFailed(f"group {self.index} rank {rank}: {_short(e)}") from e
+        self.digests.update((r, d) for (r, _), (d, _) in zip(rest, got))
+        mine = digest(finished)
+        bad = sorted(r for r, d in self.digests.items() if d != mine)
+        self.refs, self.digests, self.ping = [], {}, None
+        if bad:
+            raise GroupFailed(f"group {self.index}: ranks {bad} disagree with rank 0")
+        return finished, stats
+
+    def check_health(self, now: float) -> None:
+        """While a run is in flight, ping every rank now and then; a rank that has not answered
+        within parallel.timeout_s (stopped, hung, or dead) fails the group."""
+        if not self.refs:
+            return
+        if self.ping is None:
+            if now - self.last_ok >= self.health_every_s:
+                self.ping = ([a.alive.remote() for a in self.actors], now)
+            return
+        refs, sent = self.ping
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if len(ready) == len(refs):
+            try:
+                ray.get(refs, timeout=self.timeout_s)
+            except Exception as e:  # noqa: BLE001
+                raise GroupFailed(f"group {self.index}: health check failed: {_short(e)}") from e
+            self.ping, self.last_ok = None, now
+        elif now - sent > self.timeout_s:
+            silent = [r for r, x in enumerate(refs) if x not in ready]
+            raise GroupFailed(f"group {self.index}: rank(s) {silent} (pids "
+                              f"{[self.pids[r] for r in silent if r < len(self.pids)]}) did not "
+                              f"answer a health check within parallel.timeout_s="
+                              f"{self.timeout_s:.0f}s (hung or stopped)")
