@@ -37,7 +37,8 @@ class BenchConfig:
     tp: list[int] = field(default_factory=lambda: [1, 2])
     peers: list[str] = field(default_factory=lambda: ["hf", "vllm"])
     vllm_python: str = "/opt/vllm-venv/bin/python"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"              # auto: bf16 on a CPU with native bf16, else fp32 (see below)
+    checkpoint_dtype: str = "bfloat16"  # the benchmark checkpoint is stored as published
     block_size: int = 16
     seed: int = 0
 
@@ -50,7 +51,8 @@ def prepare_checkpoints(cfg: BenchConfig) -> tuple[str, str]:
     if not cfg.ckpt and not (ours / "config.json").is_file():
         write_tiny_checkpoint(ours, TinySpec(hidden_size=1536, num_attention_heads=48,
                                              num_key_value_heads=8, intermediate_size=4096,
-                                             num_hidden_layers=4, dtype=cfg.dtype, vocab_size=92544))
+                                             num_hidden_layers=4, dtype=cfg.checkpoint_dtype,
+                                             vocab_size=92544))
     llama = out / "ckpt-llama"
     if not (llama / "config.json").is_file():
         from internlm2_tp.convert import convert
@@ -82,6 +84,12 @@ def main(argv: list[str]) -> int:
 
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchConfig),
                                               OmegaConf.from_dotlist(argv)))
+    if cfg.dtype == "auto":
+        # Every engine runs in the dtype this CPU multiplies fastest: bf16 needs AVX512-BF16 or
+        # AMX; elsewhere bf16 is emulated (~100x slower than fp32) and fp32 is the only choice.
+        from internlm2_tp.config import cpu_has_fast_bf16
+        cfg.dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
+    print(f"dtype {cfg.dtype}", flush=True)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ours_ckpt, llama_ckpt = prepare_checkpoints(cfg)
@@ -95,7 +103,7 @@ def main(argv: list[str]) -> int:
             "engine": {"block_size": cfg.block_size, "max_num_seqs": max(concs),
                        "max_num_batched_tokens": 4096}}
     torch.set_num_threads(os.cpu_count() or 2)
-    results: dict[str, dict] = {"matmul_peak_gflops": matmul_peak_gflops()}
+    results: dict[str, dict] = {"matmul_peak_gflops": matmul_peak_gflops(getattr(torch, cfg.dtype))}
     for tp in cfg.tp:
         print(f"running ours tp={tp} ...", flush=True)
         results[f"ours_tp{tp}"] = run("ours", dict(base, tp=tp), out)

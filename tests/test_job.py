@@ -36,7 +36,13 @@ def ray_tp2_out(ray_cluster, ckpt, data, tmp_path_factory):
     cmd = ["ray", "job", "submit", "--address", ray_cluster, "--working-dir", str(ROOT), "--",
            "python", "jobs/batch_infer.py", *job_args(ckpt, data, out, "parallel.tp=2")]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    for _ in range(20):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+        # A fresh head's dashboard agent registers a few seconds after `ray start` returns;
+        # until then the submission is refused (before anything runs), as Ray's message says.
+        if "No available agent to submit job" not in p.stdout + p.stderr:
+            break
+        time.sleep(3)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out
 
@@ -131,3 +137,77 @@ def test_bad_input_refused_before_model_loads(case, ckpt, data, tmp_path):
     assert expect in p.stderr, p.stderr[-2000:]
     assert "memory plan" not in p.stderr  # refused before any rank loaded a weight
     assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
+
+
+@pytest.fixture(scope="module")
+def llama_ckpt(ckpt, tmp_path_factory):
+    from internlm2_tp.convert import convert
+
+    return convert("llama", ckpt, tmp_path_factory.mktemp("llama") / "ckpt", progress=False)
+
+
+def test_llama_layout_job_matches_original_tp1(ckpt, llama_ckpt, data, tmp_path):
+    """Issue 5: model.path may point at the converted Llama layout; outputs do not change."""
+    run_inprocess(job_args(ckpt, data, tmp_path / "a"))
+    run_inprocess(job_args(llama_ckpt, data, tmp_path / "b"))
+    a, b = read_out(tmp_path / "a"), read_out(tmp_path / "b")
+    assert len(a) == 24
+    assert {k: r["completion_token_ids"] for k, r in a.items()} == \
+        {k: r["completion_token_ids"] for k, r in b.items()}
+
+
+def test_llama_layout_job_matches_original_tp2(ray_tp2_out, llama_ckpt, data, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        str(ROOT / "launch" / "torchrun_infer.py"),
+                        *job_args(llama_ckpt, data, out)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ours, orig = read_out(out), read_out(ray_tp2_out)
+    assert {k: r["completion_token_ids"] for k, r in ours.items()} == \
+        {k: r["completion_token_ids"] for k, r in orig.items()}
+
+
+def _rig_chain(ckpt: Path, chain: list[int]) -> None:
+    """Make a checkpoint whose greedy continuation is known: every layer adds nothing (wo and
+    w2 zeroed, so the last hidden state is the current token's embedding), and the output head
+    maps the embedding of chain[i] to chain[i + 1] with a margin no random row can reach."""
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(ckpt.glob("*.safetensors"))
+    emb = next(load_file(f)["model.tok_embeddings.weight"] for f in files
+               if "model.tok_embeddings.weight" in load_file(f))
+    for f in files:
+        sd = load_file(f)
+        for name, t in sd.items():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                t.zero_()
+            elif name == "model.norm.weight":
+                t.fill_(1.0)
+            elif name == "output.weight":
+                for cur, nxt in zip(chain, chain[1:]):
+                    t[nxt] += 10 * emb[cur]
+        save_file(sd, str(f), metadata={"format": "pt"})
+
+
+def test_im_end_ends_a_chat_completion(real_tokenizer, make_ckpt, tmp_path):
+    """Issue 3: <|im_end|> (92542, from generation_config.json) stops a chat reply and is not
+    in its text; the token ids keep it, as the model produced it."""
+    import shutil
+
+    from internlm2_tp.tokenizer import Tokenizer
+
+    ckpt = shutil.copytree(make_ckpt(dtype="float32"), tmp_path / "rigged")
+    tok = Tokenizer.from_dir(ckpt)
+    msgs = [{"role": "user", "content": "Where is the Louvre?"}]
+    prompt = tok.apply_chat_template(msgs)
+    answer = tok.encode("Paris, of course", add_bos=False)
+    _rig_chain(ckpt, [prompt[-1], *answer, 92542])
+    data = tmp_path / "chat.parquet"
+    pq.write_table(pa.table({"id": [0], "messages": pa.array([msgs], MSG)}), data)
+    run_inprocess(job_args(ckpt, data, tmp_path / "out", "generation.max_new_tokens=20"))
+    row = read_out(tmp_path / "out")[0]
+    assert row["completion_token_ids"] == [*answer, 92542]
+    assert row["finish_reason"] == "stop" and row["completion"] == "Paris, of course"
+    assert "<|im_end|>" not in row["completion"]
