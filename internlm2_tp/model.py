@@ -114,6 +114,8 @@ class InternLM2Model(nn.Module):
         self.output = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
         self.rotary = RotaryEmbedding(cfg, device, dtype)
         self.fused = ops.npu_ops() if device.type == "npu" else None
+        # This rank's weight bytes, as allocated (before pack() may re-lay them out).
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
 
     @property
     def kv_heads_local(self) -> int:
@@ -184,3 +186,8 @@ class InternLM2Model(nn.Module):
         unloaded = [n for n, m in self.named_modules() if hasattr(m, "fully_loaded")
                     and not m.fully_loaded]
         assert not unloaded, f"parameters not loaded: {unloaded[:5]}"
+        for layer in self.layers:
+            for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
+                      layer.feed_forward.w2):
+                m.pack()
+        self.output.pack()

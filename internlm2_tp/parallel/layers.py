@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from internlm2_tp import ops
 from internlm2_tp.checkpoint import CheckpointReader
 from internlm2_tp.parallel.device import TPGroup
 
@@ -25,6 +26,7 @@ class ShardedLinear(nn.Module):
                                    requires_grad=False)
         self.parts_needed = parts
         self.parts_loaded: set[object] = set()
+        self.packed: torch.Tensor | None = None   # oneDNN layout on CPU, see pack()
 
     @property
     def fully_loaded(self) -> bool:
@@ -34,8 +36,16 @@ class ShardedLinear(nn.Module):
         self.weight.data[rows].copy_(block)
         self.parts_loaded.add(part)
 
+    def pack(self) -> None:
+        """After loading, on CPU: keep the weight only in oneDNN's layout (faster matmuls, no
+        second copy in memory). A no-op elsewhere."""
+        packed = ops.pack_linear_weight(self.weight.data)
+        if packed is not None:
+            self.packed = packed
+            self.weight.data = self.weight.data.new_empty(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return ops.linear(x, self.weight, self.packed)
 
 
 class ColumnParallelLinear(ShardedLinear):
@@ -191,7 +201,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     shard [B, per_rank]; `gather()` is the explicit all-gather to full-vocab fp32 logits."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, per_rank]
-        return F.linear(x, self.weight)
+        return ops.linear(x, self.weight, self.packed)
 
     def gather(self, local_logits: torch.Tensor) -> torch.Tensor:  # -> [B, vocab] float32
         full = self.tp.all_gather_last(local_logits.float())
