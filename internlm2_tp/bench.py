@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import resource
 import sys
 import time
@@ -90,7 +91,7 @@ def _ours_rank(rank: int, args: dict, port: int, q: Any) -> None:
     for conc, rows in args["sets"].items():  # a fresh prompt set per run: no cross-run cache hits
         reqs = [Request(i, p, params) for i, p in enumerate(rows)]
         t = time.perf_counter()
-        done, _ = w.run(reqs, conc)
+        done, _ = w.run(reqs, len(reqs))   # return when every row is done
         el = time.perf_counter() - t
         if rank == 0:
             toks = sum(len(f.output_ids) for f in done)
@@ -110,7 +111,18 @@ def run_ours(args: dict) -> dict:
     procs = [ctx.Process(target=_ours_rank, args=(r, args, port, q)) for r in range(args["tp"])]
     for p in procs:
         p.start()
-    got = dict(q.get(timeout=3600) for _ in procs)
+    got: dict = {}
+    while len(got) < len(procs):  # a rank that dies (OOM, crash) must not hang the benchmark
+        try:
+            rank, res = q.get(timeout=5)
+            got[rank] = res
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"our engine's rank(s) {dead} died (exit codes "
+                                   f"{[procs[r].exitcode for r in dead]})")
     for p in procs:
         p.join()
     out = got[0]
@@ -151,7 +163,7 @@ def run_hf(args: dict) -> dict:
         t = time.perf_counter()
         out = gen(rows, new)
         el = time.perf_counter() - t
-        toks = conc * (out.shape[1] - max(len(r) for r in rows))
+        toks = len(rows) * (out.shape[1] - max(len(r) for r in rows))
         results[conc] = {"tokens_per_s": toks / el, "wall_s": el, "tokens": toks, "ttft_s": ttft}
     return {"load_s": load_s, "peak_rss_mb": peak_rss_mb(), "runs": results}
 

@@ -123,8 +123,10 @@ class InternLM2Model(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """input_ids [T] -> logits [B, vocab] fp32 at meta.logits_indices ([T, vocab] if None)."""
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], gather: bool = True
+                ) -> torch.Tensor:
+        """input_ids [T] -> logits [B, vocab] fp32 at meta.logits_indices ([T, vocab] if None);
+        with gather=False this rank's vocab shard [B, per_rank] (for output.argmax)."""
         cos, sin = self.rotary(meta.positions, meta.rope_lengths)              # [T, d]
         h = self.tp.all_reduce(self.tok_embeddings(input_ids))                 # [T, hidden]
         fused, eps = self.fused, self.cfg.rms_norm_eps
@@ -136,7 +138,8 @@ class InternLM2Model(nn.Module):
         if meta.logits_indices is not None:
             h = h[meta.logits_indices]                                         # [B, hidden]
         h = ops.rms_norm(h, self.norm.weight, eps, fused)
-        return self.output.gather(self.output(h))
+        local = self.output(h)                                                 # [B, per_rank]
+        return self.output.gather(local) if gather else local
 
     # -- loading ------------------------------------------------------------------------------
     def _tasks(self, reader: CheckpointReader) -> list[tuple[tuple[str, ...], Callable[[], None]]]:

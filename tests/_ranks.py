@@ -81,3 +81,27 @@ def rank_generate(rank: int, world: int, port: int, ckpt: str, requests: list, e
              "prefix_hits": engine.blocks.prefix_hit_tokens, "steps": engine.steps}
     destroy_tp_group(model.tp)
     return [(f.request_id, f.output_ids, f.finish_reason) for f in out], stats
+
+
+def rank_lm_head_argmax(rank: int, world: int, port: int) -> tuple[list[int], list[int], int]:
+    """ParallelLMHead.argmax against the argmax of the gathered logits, on a vocab that does not
+    divide by tp (padding), with ties across shards and rows whose logits are all negative."""
+    from internlm2_tp.parallel.layers import ParallelLMHead
+
+    tp = init_tp_group("cpu", rank, world, "127.0.0.1", port)
+    vocab, hidden = 11, 4
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(vocab, hidden, generator=g)
+    full[:, 0] = -full[:, 0].abs() - 1    # column 0 negative: x = e0 makes every logit < 0
+    full[2, 1] = full[7, 1] = 10.0         # x = e1: ids 2 and 7 (other shards) tie at the top
+    head = ParallelLMHead(vocab, hidden, tp, torch.float32, torch.device("cpu"))
+    n = max(0, head.end - head.start)
+    head.weight.data.zero_()
+    head.weight.data[:n] = full[head.start:head.end]
+    x = torch.randn(6, hidden, generator=g)
+    x[0], x[1] = torch.eye(hidden)[1], torch.eye(hidden)[0]
+    local = head(x)
+    fast = head.argmax(local).tolist()
+    slow = head.gather(local).argmax(dim=-1).tolist()
+    destroy_tp_group(tp)
+    return fast, slow, int(full[:, 0].argmax())

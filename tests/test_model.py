@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from _mp import run_ranks
-from _ranks import build_model, prefill_logits, rank_load_rss, rank_logits
+from _ranks import build_model, prefill_logits, rank_lm_head_argmax, rank_load_rss, rank_logits
 from internlm2_tp.parallel.layers import QKVParallelLinear
 from reference import hf_llama, hf_logits
 
@@ -82,3 +82,12 @@ def test_load_rss_per_rank_tp4(tmp_path):
         print(f"rank {rank}: RSS grew {r['growth'] / 2**20:.1f} MiB = {frac:.1%} of "
               f"{weights / 2**20:.0f} MiB of weights")
         assert frac < 0.40, f"rank {rank} grew {frac:.1%} of the weight bytes"
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_sharded_argmax_equals_gathered_argmax(tp):
+    """Greedy decoding takes the argmax per vocab shard (no vocab-wide gather): the same ids."""
+    for fast, slow, best_negative in run_ranks(rank_lm_head_argmax, tp):
+        assert fast == slow
+        assert fast[0] == 2                 # a tie across shards: the first id, as torch.argmax
+        assert fast[1] == best_negative     # vocab padding (logit 0) never wins

@@ -179,15 +179,18 @@ class Engine:
         if not step.seqs:
             return []
         input_ids, meta, sampled = self._metadata(step)
+        # Greedy rows without penalties need only the argmax: no vocab-wide gather across ranks.
+        argmax_only = all(s.params.greedy and s.params.repetition_penalty == 1 for s in sampled)
         # Run even when no sequence samples (all mid-prefill chunks): the cache must be filled.
-        logits = self.model(input_ids, meta, self.kv_caches)                   # [B_sampled, V]
+        logits = self.model(input_ids, meta, self.kv_caches, gather=not argmax_only)
         for seq, n in zip(step.seqs, step.num_new):
             seq.num_computed += n
             self.blocks.register_full_blocks(seq)
         self.steps += 1
         if not sampled:
             return []
-        tokens = self._sample(logits, sampled).tolist()
+        tokens = (self.model.output.argmax(logits).cpu() if argmax_only
+                  else self._sample(logits, sampled)).tolist()
         done: list[Finished] = []
         now = time.perf_counter()
         for seq, tok in zip(sampled, tokens):
@@ -203,14 +206,18 @@ class Engine:
         return done
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        state = BatchSamplingState.build([s.params for s in seqs])
-        step = torch.tensor([len(s.output_ids) for s in seqs], dtype=torch.long)
+        """Sample where the logits are (no [B, vocab] copy to the host per step): only the [B]
+        chosen ids cross back."""
+        dev = logits.device
+        state = BatchSamplingState.build([s.params for s in seqs], device=dev)
+        step = torch.tensor([len(s.output_ids) for s in seqs], dtype=torch.long, device=dev)
         prev = None
         if state.any_penalty:
             rows = [s.prompt_ids + s.output_ids for s in seqs]
             width = max(len(r) for r in rows)
-            prev = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
-        return sample(logits.cpu(), state, step, prev)
+            prev = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long,
+                                device=dev)
+        return sample(logits, state, step, prev).cpu()
 
     def _stop(self, seq: Sequence, tok: int) -> tuple[str | None, str | None]:
         p = seq.params

@@ -7,9 +7,9 @@ computed with int64 torch ops (no global RNG, no shared ``torch.Generator``), so
 row yields the same tokens whatever batch it is in and wherever it sits in it.
 
 Per step there are no per-row Python loops: the batch is handled by a few [B] / [B, V]
-tensor ops.  The full vocab is sorted only when some row uses top-p (top-k alone
-uses ``torch.topk``); otherwise the draw is an inverse CDF in vocab order (cumsum +
-searchsorted).  Greedy rows take the argmax; an all-greedy batch is one argmax.
+tensor ops.  Filters use partial ``torch.topk``; the full vocab is sorted only for a
+top-p row whose nucleus does not fit in its best TOP_P_WINDOW logits.  The draw is an
+inverse CDF in vocab order (cumsum + searchsorted).  Greedy rows take the argmax; an all-greedy batch is one argmax.
 """
 from __future__ import annotations
 
@@ -180,26 +180,52 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
-def _filter_threshold(scaled: torch.Tensor, state: BatchSamplingState) -> torch.Tensor:
-    """[B, 1] lowest kept logit after top-k then top-p (-inf where a row keeps all)."""
-    dev, v = scaled.device, scaled.shape[-1]
-    neg_inf = torch.tensor(float("-inf"), device=dev)
-    k = state.top_k.to(dev).clamp(max=v)
-    if not state.any_top_p:  # top-k only: a partial top-k instead of a full sort
-        vals = torch.topk(scaled, min(state.max_top_k, v), dim=-1).values
-        kth = vals.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
-        return torch.where(k.unsqueeze(1) > 0, kth, neg_inf)
-    ordered = torch.sort(scaled, dim=-1, descending=True).values
-    if state.any_top_k:
-        kth = ordered.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
-        ordered.masked_fill_((k.unsqueeze(1) > 0) & (ordered < kth), float("-inf"))
-    probs = torch.softmax(ordered, dim=-1)
-    cum = torch.cumsum(probs, dim=-1)
+# Top-p looks at the best TOP_P_WINDOW logits first (a partial top-k, not a sort of the vocab);
+# only a row whose nucleus is not complete inside the window is sorted in full.
+TOP_P_WINDOW = 1024
+
+
+def _nucleus(ordered: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ordered [B, W] logits, best first (-inf = cut); lse [B, 1] the log of the row's total
+    mass. -> (threshold [B, 1]: the lowest kept logit, complete [B, 1]: the kept prefix ends
+    inside these W columns, which is always true when W is the whole vocab)."""
+    cum = torch.cumsum(torch.exp(ordered - lse), dim=-1)
     mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)  # monotone
-    top_p = state.top_p.to(dev).unsqueeze(1)
     keep = ((mass_before < top_p) | (top_p >= 1)) & (ordered > float("-inf"))
     n_keep = keep.sum(dim=-1, keepdim=True).clamp(min=1)  # keep is a prefix; >= 1 token
-    return ordered.gather(1, n_keep - 1)
+    return ordered.gather(1, n_keep - 1), cum[:, -1:] >= top_p
+
+
+def _filter_threshold(scaled: torch.Tensor, state: BatchSamplingState) -> torch.Tensor:
+    """[B, 1] lowest kept logit after top-k then top-p (-inf where a row keeps all).
+
+    Every row's threshold is a function of that row alone (which path computes it depends only
+    on the row), so a row samples the same in any batch."""
+    dev, v = scaled.device, scaled.shape[-1]
+    neg_inf = torch.tensor(float("-inf"), device=dev)
+    k = state.top_k.to(dev).clamp(max=v).unsqueeze(1)                       # [B, 1]
+    if not state.any_top_p:  # top-k only: a partial top-k instead of a full sort
+        vals = torch.topk(scaled, min(state.max_top_k, v), dim=-1).values
+        kth = vals.gather(1, (k - 1).clamp(min=0))
+        return torch.where(k > 0, kth, neg_inf)
+    top_p = state.top_p.to(dev).unsqueeze(1)
+    width = min(v, max(TOP_P_WINDOW, state.max_top_k + 64))
+    ordered = torch.topk(scaled, width, dim=-1).values                       # [B, W] sorted
+    if state.any_top_k:  # cut below the k-th value (ties at the boundary kept, as in HF)
+        kth = ordered.gather(1, (k - 1).clamp(min=0))
+        ordered.masked_fill_((k > 0) & (ordered < kth), float("-inf"))
+    # The nucleus is taken within what top-k kept (all of it lies in the window), else the row.
+    lse = torch.where(k > 0, torch.logsumexp(ordered, -1, keepdim=True),
+                      torch.logsumexp(scaled, -1, keepdim=True))
+    thr, complete = _nucleus(ordered, lse, top_p)
+    complete |= (k > 0) | (top_p >= 1) | (width == v)
+    thr = torch.where((top_p >= 1) & (k == 0), neg_inf, thr)
+    rows = (~complete.squeeze(1)).nonzero().squeeze(1)
+    if rows.numel():  # flat rows whose nucleus spills past the window: sort them in full
+        full = torch.sort(scaled[rows], dim=-1, descending=True).values
+        thr[rows] = _nucleus(full, lse[rows], top_p[rows])[0]
+    return thr
 
 
 def sample(logits: torch.Tensor, state: BatchSamplingState, step: torch.Tensor,
