@@ -83,8 +83,9 @@ def _ours_rank(rank: int, args: dict, port: int, q: Any) -> None:
                       engine=EngineConfig(**args.get("engine", {})))
     w = Worker(spec)
     t0 = time.perf_counter()
-    w.setup()
-    load_s = time.perf_counter() - t0
+    facts = w.setup()
+    setup_s = time.perf_counter() - t0       # + the KV cache allocation and engine start
+    load_s = facts["load_s"]                 # group, config, weights read and laid out
     params = SamplingParams(max_new_tokens=args["new_tokens"], ignore_eos=True)
     w.run([Request(f"w{i}", p, params) for i, p in enumerate(args["warmup"])], 4)  # warm-up
     results = {}
@@ -98,7 +99,8 @@ def _ours_rank(rank: int, args: dict, port: int, q: Any) -> None:
             results[conc] = {"tokens_per_s": toks / el, "wall_s": el, "tokens": toks,
                              "ttft_s": sum(f.ttft_s for f in done) / len(done)}
     w.shutdown()
-    q.put((rank, {"load_s": load_s, "peak_rss_mb": peak_rss_mb(), "runs": results}))
+    q.put((rank, {"load_s": load_s, "setup_s": setup_s, "peak_rss_mb": peak_rss_mb(),
+                  "runs": results}))
 
 
 def run_ours(args: dict) -> dict:

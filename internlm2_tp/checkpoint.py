@@ -52,6 +52,13 @@ def _safetensors_header(path: Path) -> dict[str, dict]:
     return header
 
 
+def _why(e: BaseException) -> str:
+    """The telling line of a loader error (torch's weights_only refusal is a page of advice
+    around one line naming the forbidden global)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return next((x for x in lines if "GLOBAL" in x), lines[0] if lines else type(e).__name__)
+
+
 class CheckpointReader:
     """Maps tensor names to files and reads (slices of) tensors on demand."""
 
@@ -70,11 +77,17 @@ class CheckpointReader:
                 wm = json.loads(index.read_text())["weight_map"]
             except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{index}: not a valid index json ({e!r})") from e
+            if not isinstance(wm, dict):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
             for name, fname in wm.items():
-                f = (self.path / fname).resolve()
-                if f.parent != self.path.resolve():
+                # A plain file name inside the directory, checked by name, not by resolving: a
+                # Hugging Face cache snapshot holds symlinks into ../../blobs, which are fine,
+                # while "../x" or "/x" in an index would read a file the checkpoint does not own.
+                if not isinstance(fname, str) or fname in ("", ".", "..") or \
+                        Path(fname).name != fname or "\\" in fname:
                     raise CheckpointError(f"{index}: tensor {name} points outside the checkpoint "
                                           f"directory: {fname!r}")
+                f = self.path / fname
                 if not f.is_file():
                     raise CheckpointError(f"{index}: tensor {name} is in {fname}, which is missing")
                 self.weight_map[name] = f
@@ -118,17 +131,16 @@ class CheckpointReader:
             return self._bin_cache[1]
         self._bin_cache = None  # drop the previous file's mapping first
         try:
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise CheckpointError(f"{f}: cannot load: {e}") from e
-            try:  # legacy (non-zip) torch.save format cannot be mapped
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zip" not in str(e):
+                    raise
+                # legacy (non-zip) torch.save format cannot be mapped
                 sd = torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as e2:  # noqa: BLE001 - report any loader failure with the file
-                raise CheckpointError(f"{f}: cannot load: {e2}") from e2
         except Exception as e:  # noqa: BLE001 - UnpicklingError, EOFError, zip errors...
             raise CheckpointError(f"{f}: refused or unreadable .bin (only plain tensors are "
-                                  f"accepted, weights_only=True): {e}") from e
+                                  f"accepted, weights_only=True): {_why(e)}") from e
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise CheckpointError(f"{f}: a .bin weight file must hold a dict of tensors")
         self._bin_cache = (f, sd)

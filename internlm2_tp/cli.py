@@ -4,7 +4,9 @@ Ctrl-C; 143: SIGTERM). In every case finished rows are already in whole shards: 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from typing import Callable
 
 EXIT_BAD_INPUT = 2
@@ -25,13 +27,33 @@ def user_errors() -> tuple[type[BaseException], ...]:
             TokenizerError, FileNotFoundError)
 
 
-def main_guard(main: Callable[[list[str]], int], argv: list[str]) -> int:
+def _raise_terminated(signum: int, frame: object) -> None:
+    from internlm2_tp.runtime.interrupts import Terminated
+    raise Terminated("SIGTERM")
+
+
+def main_guard(main: Callable[[list[str]], int], argv: list[str],
+               handle_sigterm: bool = False) -> int:
+    """`handle_sigterm`: SIGTERM outside the job's own guard (connecting to Ray, shutting it
+    down) unwinds like Ctrl-C, so `finally` blocks run (a local Ray is stopped) and the exit
+    code is 143. Not for torchrun ranks: one blocked in a collective could not run the handler,
+    and torchrun's SIGTERM must end it at once."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from internlm2_tp.runtime.driver import JobFailed
-    from internlm2_tp.runtime.interrupts import Terminated
+    from internlm2_tp.runtime.interrupts import Terminated, interrupt_in
 
+    if handle_sigterm and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return main(argv)
+        try:
+            return main(argv)
+        except Exception as e:
+            # Ray's Cython calls turn an exception raised by a signal handler into SystemError
+            # chained to it: report the interrupt, not a crash.
+            intr = interrupt_in(e)
+            if intr is None:
+                raise
+            raise intr from None
     except KeyboardInterrupt:
         print("\ninterrupted: finished rows are saved; rerun the same command to resume",
               file=sys.stderr)

@@ -101,8 +101,8 @@ class GenerationSection:
             SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                            top_p=self.top_p, top_k=self.top_k,
                            repetition_penalty=self.repetition_penalty, seed=self.seed)
-        except ValueError as e:
-            raise JobConfigError(f"generation: {e}") from e
+        except ValueError as e:  # name the setting the user wrote, not the engine's class
+            raise JobConfigError(str(e).replace("SamplingParams.", "generation.")) from e
         if any(not s for s in self.stop):
             raise JobConfigError("generation.stop: stop strings must be non-empty")
 
@@ -117,6 +117,11 @@ class RaySection:
     def __post_init__(self) -> None:
         if self.max_group_restarts < 0:
             raise JobConfigError("ray.max_group_restarts must be >= 0")
+        # A negative queue would feed no group at all: the job would "finish" with no row done.
+        for name in ("cpus_per_worker", "inflight_per_group"):
+            if getattr(self, name) < 0:
+                raise JobConfigError(f"ray.{name} must be >= 0 (0: automatic), "
+                                     f"got {getattr(self, name)}")
 
 
 @dataclass

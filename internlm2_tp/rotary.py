@@ -25,8 +25,12 @@ class RotaryEmbedding:
         self.kind = rs.type if rs else "default"
         self.factor = rs.factor if rs else 1.0
         self.device, self.dtype = device, dtype
-        self.exponents = torch.arange(0, self.d, 2, dtype=torch.float32, device=device) / self.d
-        self.inv_freq = 1.0 / (self.theta ** self.exponents)                        # [d/2] fp32
+        # On `meta` (the driver's dry load) computed on CPU and moved: arange / pow on meta go
+        # through torch._refs, which imports torch._dynamo, seconds on every driver start.
+        at = torch.device("cpu") if torch.device(device).type == "meta" else device
+        exponents = torch.arange(0, self.d, 2, dtype=torch.float32, device=at) / self.d
+        self.exponents = exponents.to(device)
+        self.inv_freq = (1.0 / (self.theta ** exponents)).to(device)               # [d/2] fp32
         self.cos_table = torch.empty(0, self.d, dtype=dtype, device=device)
         self.sin_table = torch.empty(0, self.d, dtype=dtype, device=device)
 

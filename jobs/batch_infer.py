@@ -61,10 +61,12 @@ def make_ray_pool(cfg):
     from internlm2_tp.runtime.worker import WorkerSpec
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:  # start a local cluster; let its workers import this checkout
+    if address in (None, "local"):
+        # None: a cluster `ray start`ed on this machine, else a new local one; "local": always a
+        # new one, stopped with the job. Either way its workers import this checkout.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-        ray.init(include_dashboard=False, logging_level=logging.WARNING,
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  runtime_env={"env_vars": {"PYTHONPATH": path}})
     else:
         ray.init(address=address, logging_level=logging.WARNING)
@@ -99,4 +101,4 @@ def print_summary(manifest: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(main, sys.argv[1:]))
+    sys.exit(main_guard(main, sys.argv[1:], handle_sigterm=True))

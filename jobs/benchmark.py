@@ -133,7 +133,7 @@ def report(cfg: BenchConfig, results: dict, fpt: float, out: Path) -> None:
     head = results[engines[0]]["runs"][str(cfg.rows)]["tokens_per_s"]
     summary = {"matmul_peak_gflops": round(peak, 1), "flops_per_token": fpt,
                "ceiling_tokens_per_s": round(ceiling, 1), "config": asdict(cfg), "engines": {}}
-    print(f"\nbf16 matmul peak {peak:.0f} GFLOP/s; {fpt / 1e6:.0f} MFLOP per output token; "
+    print(f"\n{cfg.dtype} matmul peak {peak:.0f} GFLOP/s; {fpt / 1e6:.0f} MFLOP per output token; "
           f"ceiling {ceiling:.0f} tok/s\n")
     print(f"{'engine':14} {'rows':>5} {'tok/s':>8} {'util':>6} {'TTFT s':>7} {'vs ours_tp1':>11} "
           f"{'peak RSS MB':>11} {'load s':>7}")

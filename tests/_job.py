@@ -68,3 +68,16 @@ def run_inprocess(args: list[str]) -> dict:
                       rank=0, master_addr="127.0.0.1", master_port=0, engine=cfg.engine,
                       need_tokenizer=bool(cfg.generation.stop))
     return job.run(TorchrunPool(Worker(spec)))
+
+
+def run_job(args: list[str], capsys) -> tuple[int, str]:
+    """(exit code, stderr) of the batch job's own error handling (`main_guard`) around an
+    in-process run: the exit codes and messages of jobs/batch_infer.py, without Ray."""
+    from internlm2_tp.cli import main_guard
+
+    def main(argv: list[str]) -> int:
+        run_inprocess(argv)
+        return 0
+    capsys.readouterr()
+    rc = main_guard(main, args)
+    return rc, capsys.readouterr().err

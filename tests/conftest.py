@@ -45,9 +45,21 @@ def make_ckpt(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(ray_head: dict[str, str]) -> str:
+    """The dashboard address of the session's Ray cluster, which `ray job submit` uses."""
+    return ray_head["dashboard"]
+
+
+@pytest.fixture(scope="session")
+def ray_gcs(ray_head: dict[str, str]) -> str:
+    """The GCS address (host:port) of the session's Ray cluster, for `ray.address=`."""
+    return ray_head["gcs"]
+
+
+@pytest.fixture(scope="session")
+def ray_head():
     """A real local Ray cluster (`ray start --head`), stopped at the end of the session.
-    Yields the dashboard address that `ray job submit` uses."""
+    Yields its dashboard and GCS addresses."""
     import shutil
     import subprocess
 
@@ -63,6 +75,6 @@ def ray_cluster():
                     "--include-dashboard=true", "--disable-usage-stats"],
                    check=True, capture_output=True, env=env, timeout=120)
     try:
-        yield f"http://127.0.0.1:{dash}"
+        yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{port}"}
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)

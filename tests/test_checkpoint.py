@@ -146,3 +146,27 @@ def test_missing_required_field(ckpt):
     (ckpt / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match="rope_theta"):
         ModelConfig.from_dir(ckpt)
+
+
+def test_hf_cache_snapshot_of_symlinks_is_read(ckpt, tmp_path):
+    """A Hugging Face cache snapshot: every file a symlink into ../../blobs. Its index names
+    plain file names, so it is inside the checkpoint even though the links resolve elsewhere."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "0123abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(ckpt.iterdir())):
+        shutil.copy(f, blobs / f"blob{i}")
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", f"blob{i}"))
+    r = CheckpointReader(snap)
+    assert torch.equal(r.read("output.weight"), CheckpointReader(ckpt).read("output.weight"))
+    build_model(0, 1, 0, snap)  # every tensor found and loaded
+
+
+@pytest.mark.parametrize("fname", ["../model-00001-of-00002.safetensors", "/etc/passwd", "",
+                                   "sub/model.safetensors", ".."])
+def test_index_cannot_point_outside(ckpt, fname):
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"]["output.weight"] = fname
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="output.weight points outside the checkpoint"):
+        CheckpointReader(ckpt)

@@ -273,3 +273,22 @@ def test_dataclass_validation() -> None:
     with pytest.raises(ValueError, match="unknown override"):
         InputPlan(files=[Path("a")], num_rows=0, id_type=pa.int64(), has_id_column=False,
                   present_prompt_columns=["prompt"], override_columns=["beam"])
+
+
+@pytest.mark.parametrize("spec,out,reads", [
+    ("in", "in/out", True), ("in", "in/_out", False), ("in", "in/.out", False),
+    ("in", "out", False), ("in/../in", "in/out", True), ("in/*.parquet", "in/out", False),
+    ("in/*.parquet", "in", True), ("in/*", "in/out", True), ("in/*", "in/_out", True),
+    ("in/*/*.parquet", "in/out", True), ("in/**/*.parquet", "in/a/b", True),
+    ("in/**/*.parquet", "other", False), ("in/p.parquet", "in", False)])
+def test_would_read_output_shards_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       spec: str, out: str, reads: bool) -> None:
+    """Whether a shard written to `out` would be input to the rerun (an output directory
+    inside the input is refused for that); `in/*` globs `in/_out` itself, then all below it."""
+    from internlm2_tp.runtime.io import would_read
+    write(tmp_path / "in" / "p.parquet", {"prompt": ["x"]})
+    monkeypatch.chdir(tmp_path)
+    shard = Path(out) / "part-x-00000.parquet"
+    assert would_read(spec, shard) is reads
+    write(tmp_path / shard, {"id": [1]})   # and it is what resolving the input then does
+    assert ((tmp_path / shard).resolve() in [f.resolve() for f in resolve_input_files(spec)]) is reads

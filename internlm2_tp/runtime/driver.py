@@ -25,7 +25,7 @@ from internlm2_tp.cli import user_errors
 from internlm2_tp.config import ModelConfig, check_tp
 from internlm2_tp.job_config import JobConfig, JobConfigError
 from internlm2_tp.runtime.interrupts import InterruptGuard
-from internlm2_tp.runtime.io import InputColumns, InputRow, iter_rows, plan_input
+from internlm2_tp.runtime.io import InputColumns, InputRow, iter_rows, plan_input, would_read
 from internlm2_tp.runtime.output import ShardWriter, prepare_output_dir, write_manifest
 from internlm2_tp.runtime.preflight import check_checkpoint
 from internlm2_tp.runtime.rows import Request, base_params, error_row, finished_row, to_request
@@ -90,6 +90,10 @@ class Job:
             raise JobConfigError(f"data.output {d.output!r} contains input file {inside[0]}: the "
                                  "output shards would be read back as input; choose an output "
                                  "directory outside data.input")
+        if would_read(d.input, self.out / "part-x-00000.parquet"):
+            raise JobConfigError(f"data.output {d.output!r} is inside data.input {d.input!r}: "
+                                 "its shards would be read as input by the rerun; choose an "
+                                 "output directory outside data.input")
         self.done_ids = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg), d.overwrite)
         self.base = base_params(cfg.generation)
         self.todo = self.plan.num_rows - (len(self.done_ids) if self.done_ids is not None else 0)
@@ -115,11 +119,16 @@ class Job:
         with guard:
             try:
                 f0 = self._loop(pool, writer, stats, bar, guard, t0)
+            except Exception:
+                guard.check()   # a Ctrl-C / SIGTERM that surfaced as another error inside Ray
+                raise
             finally:
                 with guard.critical(reraise=False):
-                    writer.close()
-                    bar.close()
-                    _shutdown(pool)
+                    try:
+                        writer.close()   # finished rows, as whole shards
+                    finally:             # even if that write failed (e.g. a full disk)
+                        bar.close()
+                        _shutdown(pool)
         wall = time.time() - t0
         manifest = {"rows_total": self.plan.num_rows, "rows_this_run": stats["rows"],
                     "rows_done_before": self.plan.num_rows - self.todo, **stats,
@@ -190,6 +199,7 @@ class Job:
             n, limit = len(inflight[g]), cfg.ray.max_group_restarts
             inflight[g].clear()
             while True:
+                guard.check()   # a rebuild interrupted by Ctrl-C is not a group failure
                 restarts[g] += 1
                 stats["group_restarts"] += 1
                 if restarts[g] > limit:
@@ -207,6 +217,7 @@ class Job:
 
         busy = {g for g in range(pool.num_groups) if feed(g)}
         while busy:
+            guard.check()
             g, result, st = pool.wait()
             if isinstance(result, Exception):
                 recover(g, result)

@@ -3,8 +3,10 @@ only, every job-level problem -> InputError before the model loads), stream boun
 (``iter_rows``; row-level problems come back as ``InputRow.error``)."""
 from __future__ import annotations
 
+import fnmatch
 import glob
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -129,6 +131,31 @@ def resolve_input_files(spec: str) -> list[Path]:
     if not files:
         raise InputError(f"data.input {spec!r}: no Parquet files match")
     return sorted(files, key=str)
+
+
+def would_read(spec: str, path: Path) -> bool:
+    """Whether `resolve_input_files(spec)` would pick up a Parquet file at `path` (not yet
+    there): e.g. an output shard written inside an input directory, read back on the rerun."""
+    p = Path(os.path.normpath(Path(spec).expanduser().absolute()))
+    parts = Path(os.path.normpath(path.absolute())).parts
+
+    def under(d: tuple[str, ...]) -> bool:  # a directory input takes every file below it
+        rest = parts[len(d):]
+        return parts[:len(d)] == d and bool(rest) and not any(x.startswith((".", "_")) for x in rest)
+
+    if p.is_dir() or not glob.has_magic(spec):
+        return p.is_dir() and under(p.parts)
+
+    def match(pat: tuple[str, ...], got: tuple[str, ...]) -> bool:  # glob's rules, part by part
+        if not pat:
+            return not got
+        if pat[0] == "**":
+            return any(match(pat[1:], got[i:]) for i in range(len(got) + 1))
+        return bool(got) and not got[0].startswith(".") and \
+            fnmatch.fnmatchcase(got[0], pat[0]) and match(pat[1:], got[1:])
+    # the file itself, or a directory above it that the glob names
+    return match(p.parts, parts) or any(match(p.parts, parts[:k]) and under(parts[:k])
+                                        for k in range(1, len(parts)))
 
 
 def _check_type(path: Path, col: str, t: pa.DataType, columns: InputColumns) -> None:

@@ -171,7 +171,10 @@ class RayGroup:
             raise GroupFailed(f"group {self.index}: rank(s) did not finish the step within "
                               f"parallel.timeout_s={self.timeout_s:.0f}s") from e
         except Exception as e:  # noqa: BLE001 - actor death, a rank's exception
-            raise GroupFailed(f"group {self.index} rank {rank}: {_short(e)}") from e
+            why = _short(e)
+            if "timed out" in why.lower() or "timeout" in why.lower():
+                why += self._timeout_hint()
+            raise GroupFailed(f"group {self.index} rank {rank}: {why}") from e
         self.digests.update((r, d) for (r, _), (d, _) in zip(rest, got))
         mine = digest(finished)
         bad = sorted(r for r, d in self.digests.items() if d != mine)
@@ -179,6 +182,16 @@ class RayGroup:
         if bad:
             raise GroupFailed(f"group {self.index}: ranks {bad} disagree with rank 0")
         return finished, stats
+
+    def _timeout_hint(self) -> str:
+        """A rank's collective timed out: say which setting bounds it and which ranks are silent
+        (a stopped or hung rank leaves the others waiting in the collective)."""
+        refs = [a.alive.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(3.0, self.timeout_s))
+        silent = [r for r, x in enumerate(refs) if x not in ready]
+        who = (f"; rank(s) {silent} (pids {[self.pids[r] for r in silent if r < len(self.pids)]})"
+               " do not answer: hung or stopped" if silent else "")
+        return f" (collectives wait at most parallel.timeout_s={self.timeout_s:.0f}s{who})"
 
     def check_health(self, now: float) -> None:
         """While a run is in flight, ping every rank now and then; a rank that has not answered
