@@ -275,3 +275,41 @@ def test_microbenchmark(capsys):
         lines.append(f"sampler B={B} V={V} {name}: {(time.perf_counter() - t0) / reps * 1e3:.1f} ms/step")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+def _reference_threshold(row: torch.Tensor, top_k: int, top_p: float) -> float:
+    """The textbook filter on one row: sort the whole vocab, cut at the k-th value (ties kept),
+    then keep the shortest prefix whose mass before each kept token is below top_p."""
+    ordered = torch.sort(row, descending=True).values
+    if top_k:
+        ordered = ordered[ordered >= ordered[top_k - 1]]
+    if top_p >= 1:
+        return float(ordered[-1]) if top_k else float("-inf")
+    probs = torch.softmax(ordered.double(), dim=0)
+    before = torch.cumsum(probs, 0) - probs
+    return float(ordered[int((before < top_p).sum()) - 1])
+
+
+def test_top_p_window_and_full_sort_agree_with_reference():
+    """Top-p first looks at the best TOP_P_WINDOW logits; rows whose nucleus spills past them
+    (flat rows) are sorted in full. Both paths keep exactly the reference's tokens."""
+    from internlm2_tp.engine.sampler import TOP_P_WINDOW, _filter_threshold
+
+    V = 4 * TOP_P_WINDOW + 37
+    g = torch.Generator().manual_seed(11)
+    flat = torch.randn(V, generator=g) * 0.5                  # nucleus spills past the window
+    peaked = torch.randn(V, generator=g) * 3
+    peaked[torch.randperm(V, generator=g)[:30]] += 12          # nucleus inside the window
+    cases = [(peaked, 0, 0.9), (flat, 0, 0.9), (peaked, 50, 0.8), (flat, 7, 0.95),
+             (flat, 0, 1.0), (peaked, 0, 0.3), (flat, 0, 0.999)]
+    params = [SamplingParams(temperature=1.0, top_k=k, top_p=p, seed=i)
+              for i, (_, k, p) in enumerate(cases)]
+    scaled = torch.stack([r for r, _, _ in cases])
+    scaled = scaled - scaled.max(dim=-1, keepdim=True).values
+    thr = _filter_threshold(scaled.clone(), BatchSamplingState.build(params)).squeeze(1)
+    for i, (_, k, p) in enumerate(cases):
+        ref = _reference_threshold(scaled[i], k, p)
+        kept, want = scaled[i] >= thr[i], scaled[i] >= ref
+        assert torch.equal(kept, want), (i, k, p, int(kept.sum()), int(want.sum()))
+    assert int((scaled[1] >= thr[1]).sum()) > TOP_P_WINDOW    # the fallback path was taken
+    assert int((scaled[0] >= thr[0]).sum()) < 64              # the window path was enough
