@@ -114,9 +114,17 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, H, d], k/v [T, KVH, d] for this step's tokens -> [T, H*d]."""
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    fused: object | None = None) -> torch.Tensor:
+    """q [T, H, d], k/v [T, KVH, d] for this step's tokens -> [T, H*d]. With `fused` (torch_npu)
+    the Ascend kernels run the step when its shapes are ones they document; else the plain path."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if fused is not None:
+        from internlm2_tp.npu_attention import npu_paged_attention
+
+        out = npu_paged_attention(q, k, v, k_cache, v_cache, meta, scale, fused)
+        if out is not None:
+            return out
     d = meta.prepare()
     nd = meta.num_decodes
     parts = []

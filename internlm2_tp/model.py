@@ -78,7 +78,8 @@ class InternLM2Attention(nn.Module):
         q, k, v = qkv.split([self.wqkv.q_size, self.wqkv.kv_size, self.wqkv.kv_size], dim=-1)
         t, d = x.shape[0], self.head_dim
         q, k = ops.apply_rotary(q.view(t, -1, d), k.view(t, -1, d), cos, sin, fused)
-        o = paged_attention(q, k, v.view(t, -1, d), kv[0], kv[1], meta, self.scale)  # [T, q*d]
+        o = paged_attention(q, k, v.view(t, -1, d), kv[0], kv[1], meta, self.scale,
+                            fused)                                            # [T, q*d]
         return self.wo(o)                                     # PARTIAL sum: caller all-reduces
 
 

@@ -252,6 +252,21 @@ def test_npu_attention_logic_with_documented_kernels(step: str, monkeypatch) -> 
     assert set(fake.calls) == {"decode": {"ifa"}, "prefill": {"fa"}}.get(step, {"ifa", "fa"})
 
 
+def test_paged_attention_dispatches_to_npu_kernels_and_falls_back() -> None:
+    """The model's one attention call: with torch_npu it runs the fused kernels (the fake
+    records them); a step they do not document (fp32 here) falls back to the plain path."""
+    meta, (q, k, v, kc, vc), fp32 = make_step(STEPS["mixed+prefix"], 16, 12, 4, 32, BF16)
+    ref = reference_attention(meta, fp32, 0.2)
+    fake = FakeTorchNpu()
+    out = paged_attention(q, k, v, kc, vc, meta(), 0.2, fake)
+    assert set(fake.calls) == {"ifa", "fa"}
+    torch.testing.assert_close(out.float(), ref, **TOL[BF16])
+    meta, (q, k, v, kc, vc), fp32 = make_step(STEPS["mixed+prefix"], 16, 12, 4, 32, torch.float32)
+    fake = FakeTorchNpu()
+    out = paged_attention(q, k, v, kc, vc, meta(), 0.2, fake)
+    assert fake.calls == [] and torch.allclose(out, reference_attention(meta, fp32, 0.2), atol=1e-5)
+
+
 def test_npu_attention_declines_unsupported_steps() -> None:
     meta, (q, k, v, kc, vc), _ = make_step(STEPS["mixed+prefix"], 16, 12, 4, 32, torch.float32)
     assert npu_attention.npu_paged_attention(q, k, v, kc, vc, meta(), 0.2, FakeTorchNpu()) is None
