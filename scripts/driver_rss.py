@@ -3,7 +3,7 @@
 
     python scripts/driver_rss.py rows=1000,100000
 
-Starts a private Ray head (`ray start --head` on loopback, its own temp dir), writes a tiny checkpoint and one
+Starts a private Ray head (`ray start --head` on loopback, its own temp dir, stopped alone), writes a tiny checkpoint and one
 Parquet file per row count (text prompts, chat messages and token ids, like the demo), runs
 `jobs/batch_infer.py` on each with `ray.address` set to that cluster, so the driver's Ray workers
 are not its children, and reads the driver's own peak RSS (getrusage in a fresh parent).
@@ -12,7 +12,6 @@ Prints one line per run and the ratio of the largest to the smallest.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,22 +34,14 @@ def main(argv: list[str]) -> int:
     counts = [int(x) for x in opts.get("rows", "1000,100000").split(",")]
     work = Path(opts.get("workdir") or tempfile.mkdtemp(prefix="driver_rss_"))
     from _job import write_prompts  # the tests' demo-style prompts
+    from _ray import private_ray_head
 
-    from internlm2_tp.parallel.device import free_port
     from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
 
     ckpt = write_tiny_checkpoint(work / "ckpt", TinySpec(dtype="float32"))
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
-    port, temp = free_port(), work / "ray"
-    # Its own temp dir: stopped below by killing only this cluster's processes (`ray stop`
-    # would stop every Ray cluster on the machine).
-    subprocess.run([shutil.which("ray"), "start", "--head", f"--port={port}",
-                    "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-                    "--disable-usage-stats", "--num-cpus=2", f"--temp-dir={temp}"],
-                   check=True, capture_output=True, env=env, timeout=300)
-    address = f"127.0.0.1:{port}"
     results = {}
-    try:
+    with private_ray_head(num_cpus=2, dashboard=False) as ray_addrs:
         for n in counts:
             data = write_prompts(work / f"in-{n}.parquet", n)
             t = time.time()
@@ -59,7 +50,7 @@ def main(argv: list[str]) -> int:
                                 f"model.path={ckpt}", f"data.input={data}",
                                 f"data.output={work / f'out-{n}'}", "parallel.device=cpu",
                                 "generation.max_new_tokens=1", "engine.block_size=16",
-                                "data.shard_rows=5000", f"ray.address={address}"],
+                                "data.shard_rows=5000", f"ray.address={ray_addrs['gcs']}"],
                                capture_output=True, text=True, env=env, cwd=ROOT)
             if p.returncode:
                 print(p.stderr[-3000:])
@@ -68,11 +59,6 @@ def main(argv: list[str]) -> int:
             results[n] = peak / 1024
             print(f"{n:>8} rows: driver peak RSS {peak / 1024:7.1f} MiB, {time.time() - t:6.1f} s",
                   flush=True)
-    finally:
-        import psutil
-        for p in psutil.process_iter(["cmdline"]):
-            if str(temp) in " ".join(p.info["cmdline"] or []):
-                p.kill()
     lo, hi = min(counts), max(counts)
     print(f"ratio {hi} rows / {lo} rows: {results[hi] / results[lo]:.3f}")
     return 0

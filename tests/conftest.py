@@ -58,23 +58,9 @@ def ray_gcs(ray_head: dict[str, str]) -> str:
 
 @pytest.fixture(scope="session")
 def ray_head():
-    """A real local Ray cluster (`ray start --head`), stopped at the end of the session.
-    Yields its dashboard and GCS addresses."""
-    import shutil
-    import subprocess
+    """A real local Ray cluster (`ray start --head`) of its own, stopped at the end of the
+    session without touching any other Ray cluster on the machine."""
+    from _ray import private_ray_head
 
-    from internlm2_tp.parallel.device import free_port
-
-    ray_bin = shutil.which("ray")
-    if ray_bin is None:
-        pytest.fail("the `ray` command is missing (pip install 'ray[default]')")
-    port, dash = free_port(), free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                    "--include-dashboard=true", "--disable-usage-stats"],
-                   check=True, capture_output=True, env=env, timeout=120)
-    try:
-        yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{port}"}
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+    with private_ray_head(num_cpus=2, dashboard=True) as addrs:
+        yield addrs
