@@ -19,7 +19,7 @@ from internlm2_tp.config import ModelConfig, check_tp
 from internlm2_tp.parallel.device import TPGroup
 from internlm2_tp.parallel.layers import (ColumnParallelLinear, MergedColumnParallelLinear,
                                           ParallelLMHead, QKVParallelLinear, RowParallelLinear,
-                                          VocabParallelEmbedding)
+                                          ShardedLinear, StagingPool, VocabParallelEmbedding)
 from internlm2_tp.rotary import RotaryEmbedding
 
 # Our parameter -> checkpoint tensor name(s), per layout. "{i}" is the layer index.
@@ -143,37 +143,39 @@ class InternLM2Model(nn.Module):
         return self.output.gather(local) if gather else local
 
     # -- loading ------------------------------------------------------------------------------
-    def _tasks(self, reader: CheckpointReader) -> list[tuple[tuple[str, ...], Callable[[], None]]]:
+    def _tasks(self, reader: CheckpointReader) -> list[tuple[tuple[str, ...], nn.Module, Callable[[], None]]]:
         names = WEIGHT_NAMES[self.cfg.layout]
         emb_name = names["tok_embeddings"][0]
         out_names = names["output"]
         if self.cfg.tie_word_embeddings and not reader.has(out_names[0]):
             out_names = (emb_name,)
-        tasks: list[tuple[tuple[str, ...], Callable[[], None]]] = [
-            ((emb_name,), lambda: self.tok_embeddings.load(reader, emb_name)),
-            (names["norm"], lambda: self.norm.load(reader, names["norm"][0])),
-            (out_names, lambda: self.output.load(reader, out_names[0])),
+        tasks: list[tuple[tuple[str, ...], nn.Module, Callable[[], None]]] = [
+            ((emb_name,), self.tok_embeddings,
+             lambda: self.tok_embeddings.load(reader, emb_name)),
+            (names["norm"], self.norm, lambda: self.norm.load(reader, names["norm"][0])),
+            (out_names, self.output, lambda: self.output.load(reader, out_names[0])),
         ]
         for i, layer in enumerate(self.layers):
             n = {k: tuple(s.format(i=i) for s in v) for k, v in names.items()}
             att, mlp = layer.attention, layer.feed_forward
             qkv_load = (att.wqkv.load_fused if len(n["wqkv"]) == 1 else att.wqkv.load_split)
             tasks += [
-                (n["wqkv"], lambda f=qkv_load, a=n["wqkv"]: f(reader, *a)),
-                (n["wo"], lambda m=att.wo, a=n["wo"][0]: m.load(reader, a)),
-                (n["w13"][:1], lambda m=mlp.w13, a=n["w13"][0]: m.load(reader, a, 0)),
-                (n["w13"][1:], lambda m=mlp.w13, a=n["w13"][1]: m.load(reader, a, 1)),
-                (n["w2"], lambda m=mlp.w2, a=n["w2"][0]: m.load(reader, a)),
-                (n["attention_norm"], lambda m=layer.attention_norm, a=n["attention_norm"][0]:
-                    m.load(reader, a)),
-                (n["ffn_norm"], lambda m=layer.ffn_norm, a=n["ffn_norm"][0]: m.load(reader, a)),
+                (n["wqkv"], att.wqkv, lambda f=qkv_load, a=n["wqkv"]: f(reader, *a)),
+                (n["wo"], att.wo, lambda m=att.wo, a=n["wo"][0]: m.load(reader, a)),
+                (n["w13"][:1], mlp.w13, lambda m=mlp.w13, a=n["w13"][0]: m.load(reader, a, 0)),
+                (n["w13"][1:], mlp.w13, lambda m=mlp.w13, a=n["w13"][1]: m.load(reader, a, 1)),
+                (n["w2"], mlp.w2, lambda m=mlp.w2, a=n["w2"][0]: m.load(reader, a)),
+                (n["attention_norm"], layer.attention_norm,
+                 lambda m=layer.attention_norm, a=n["attention_norm"][0]: m.load(reader, a)),
+                (n["ffn_norm"], layer.ffn_norm,
+                 lambda m=layer.ffn_norm, a=n["ffn_norm"][0]: m.load(reader, a)),
             ]
         return tasks
 
     def load_weights(self, reader: CheckpointReader) -> None:
         """Read this rank's slices of every tensor; refuse missing or unexpected tensors."""
         tasks = self._tasks(reader)
-        wanted = {name for names, _ in tasks for name in names}
+        wanted = {name for names, _, _ in tasks for name in names}
         missing = sorted(wanted - set(reader.weight_map))
         if missing:
             raise CheckpointError(f"{reader.path}: tensor {missing[0]} is missing from the "
@@ -183,15 +185,16 @@ class InternLM2Model(nn.Module):
             raise CheckpointError(f"{reader.file_of(unexpected[0])}: unexpected tensor "
                                   f"{unexpected[0]} ({len(unexpected)} unexpected in all; is this "
                                   f"an InternLM2 checkpoint of the config's shape?)")
-        # Read in file order so a .bin checkpoint maps one file at a time.
-        for names, load in sorted(tasks, key=lambda t: str(reader.file_of(t[0][0]))):
+        # Read in file order so a .bin checkpoint maps one file at a time; each matmul weight is
+        # re-laid out (CPU) as soon as all its parts are in, its staging memory reused.
+        pool = StagingPool()
+        for names, module, load in sorted(tasks, key=lambda t: str(reader.file_of(t[0][0]))):
+            if isinstance(module, ShardedLinear):
+                module.stage(pool)
             load()
+            if isinstance(module, ShardedLinear) and module.fully_loaded:
+                module.pack(pool)
         reader.release()
         unloaded = [n for n, m in self.named_modules() if hasattr(m, "fully_loaded")
                     and not m.fully_loaded]
         assert not unloaded, f"parameters not loaded: {unloaded[:5]}"
-        for layer in self.layers:
-            for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
-                      layer.feed_forward.w2):
-                m.pack()
-        self.output.pack()

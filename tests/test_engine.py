@@ -95,7 +95,25 @@ def test_prefix_cache_reuses_blocks_and_changes_nothing(ckpt):
     off, stats_off = run_ranks(rank_generate, 1, str(ckpt), reqs,
                                dict(kw, enable_prefix_caching=False))[0]
     assert stats_off["prefix_hits"] == 0
-    # rows 0 and 1 are admitted in the same step (nothing cached yet); rows 2..7 each reuse the
-    # 40-token system prompt's 10 blocks
-    assert stats_on["prefix_hits"] == 6 * 40
+    # row 0 computes the 40-token system prompt's 10 blocks; rows 1..7 each reuse them (row 1,
+    # which arrives with row 0, is held back one step rather than computing them a second time)
+    assert stats_on["prefix_hits"] == 7 * 40
     assert on == off
+
+
+def test_burst_with_shared_prefix_computes_it_once(ckpt):
+    """All rows arrive together and fit in one step: without holding the sharers back each would
+    compute the system prompt (vLLM's and lmdeploy's prefix caches only serve computed blocks).
+    Rows that do not share it are admitted at once, and outputs do not change."""
+    system = prompts(4)[1][:32]
+    own = prompts(5)
+    reqs = [(i, (system + p[1:9]) if i % 2 else p, SamplingParams(max_new_tokens=6,
+                                                                  ignore_eos=True))
+            for i, p in enumerate(own)]
+    kw = dict(block_size=4, max_num_seqs=8, max_num_batched_tokens=512)
+    on, stats_on = run_ranks(rank_generate, 1, str(ckpt), reqs, kw)[0]
+    off, stats_off = run_ranks(rank_generate, 1, str(ckpt), reqs,
+                               dict(kw, enable_prefix_caching=False))[0]
+    assert on == off
+    assert stats_on["prefix_hits"] == 3 * 32   # 4 sharers: the first computes, 3 reuse
+    assert stats_on["steps"] == stats_off["steps"] + 1  # the sharers start one step later

@@ -91,3 +91,35 @@ def test_sharded_argmax_equals_gathered_argmax(tp):
         assert fast == slow
         assert fast[0] == 2                 # a tie across shards: the first id, as torch.argmax
         assert fast[1] == best_negative     # vocab padding (logit 0) never wins
+
+
+def test_bf16_checkpoint_in_fp32_keeps_the_embedding_in_bf16_exactly(make_ckpt, monkeypatch):
+    """An fp32 run of a bf16 checkpoint keeps the embedding table in bf16 (half the bytes) and
+    widens only the looked-up rows: the logits are bit-identical to a fully widened table."""
+    from internlm2_tp.parallel.layers import VocabParallelEmbedding
+
+    bf16 = make_ckpt(**dict(SPEC, dtype="bfloat16"))
+    model = build_model(0, 1, 0, bf16)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert model.output.packed is not None or model.output.weight.dtype == torch.float32
+    compact = prefill_logits(model, SEQS)
+    sharded = run_ranks(rank_logits, 2, str(bf16), SEQS)[0]   # the masked (tp > 1) lookup
+    monkeypatch.setattr(VocabParallelEmbedding, "keep_checkpoint_dtype", False)
+    wide = build_model(0, 1, 0, bf16)
+    assert wide.tok_embeddings.weight.dtype == torch.float32
+    assert torch.equal(compact, prefill_logits(wide, SEQS))
+    assert (sharded - compact).abs().max().item() < 1e-4
+
+
+def test_staging_pool_reuses_freed_buffers():
+    from internlm2_tp.parallel.layers import StagingPool
+
+    pool, cpu = StagingPool(), torch.device("cpu")
+    a = pool.take(torch.Size([4, 8]), torch.float32, cpu)
+    where = a.data_ptr()
+    pool.give(a)
+    b = pool.take(torch.Size([2, 8]), torch.float32, cpu)       # fits in the freed buffer
+    assert b.data_ptr() == where and b.shape == (2, 8)
+    c = pool.take(torch.Size([4, 8]), torch.float32, cpu)       # that one is in use: a new one
+    assert c.data_ptr() != where
+    assert pool.take(torch.Size([3]), torch.bfloat16, cpu).dtype == torch.bfloat16

@@ -76,6 +76,16 @@ class BlockManager:
         self.ref[block] = 1
         return block
 
+    def first_block_key(self, seq: Sequence) -> int | None:
+        """The prefix-cache key of seq's first block when allocate() could reuse it, else None
+        (caching off, or no full block before the last token)."""
+        if not self.prefix_caching or (seq.num_tokens - 1) // self.block_size < 1:
+            return None
+        return self._hash(seq, 0)
+
+    def is_cached(self, key: int) -> bool:
+        return key in self.hash_to_block
+
     def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
         return self.blocks_for(seq.num_tokens) + reserve <= self.num_free
 

@@ -1,11 +1,14 @@
 """Continuous batching: which sequences run in the next step, and how many tokens each.
 
 Each step spends a token budget: running sequences first (one token each when decoding, a chunk
-when still prefilling), then waiting ones in arrival order. Long prompts are prefilled in chunks
-across steps. When the cache runs out of blocks the most recently admitted running sequence is
-preempted: its blocks are freed and it is recomputed later from its prompt plus what it had
-generated (never a crash). Everything here is deterministic: every rank of a group runs its own
-scheduler on the same inputs and makes the same decisions.
+when still prefilling), then waiting ones in arrival order. A waiting row whose first KV block
+is being computed by another row in flight (a shared system prompt arriving in a burst) waits
+one step and then reuses those blocks from the prefix cache, instead of computing them again in
+the same step (the prefix cache only serves blocks already computed). Long prompts are prefilled
+in chunks across steps. When the cache runs out of blocks the most recently admitted running
+sequence is preempted: its blocks are freed and it is recomputed later from its prompt plus what
+it had generated (never a crash). Everything here is deterministic: every rank of a group runs
+its own scheduler on the same inputs and makes the same decisions.
 """
 from __future__ import annotations
 
@@ -86,12 +89,21 @@ class Scheduler:
             step.num_new.append(n)
             step.samples.append(seq.num_computed + n == seq.num_tokens)
             budget -= n
-        # 2. admit waiting sequences while budget, slots and blocks allow.
+        # 2. admit waiting sequences while budget, slots and blocks allow; hold back the ones
+        # whose first block another prefilling row is computing (they hit the cache next step).
+        in_flight = {k for k in map(self._first_key, self.running) if k is not None}
+        held: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
+            key = self._first_key(seq)
+            if key is not None and key in in_flight:
+                held.append(self.waiting.popleft())
+                continue
             if not self.blocks.can_allocate(seq):
                 break
             self.waiting.popleft()
+            if key is not None:
+                in_flight.add(key)
             self.blocks.allocate(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -100,7 +112,13 @@ class Scheduler:
             step.num_new.append(n)
             step.samples.append(seq.num_computed + n == seq.num_tokens)
             budget -= n
+        self.waiting.extendleft(reversed(held))  # back at the front, in arrival order
         return step
+
+    def _first_key(self, seq: Sequence) -> int | None:
+        """seq's first-block key while that block is not in the prefix cache yet."""
+        key = self.blocks.first_block_key(seq)
+        return None if key is None or self.blocks.is_cached(key) else key
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED
