@@ -189,8 +189,10 @@ def main(argv: list[str]) -> int:
     cache: dict = {}
     t_all = time.time()
     run = None
+    rebuilding: int | None = None   # the group last killed, until its rebuilt ranks are ready
     while True:
         if run is None:
+            rebuilding = None
             start_rows = rows_on_disk(out, cache)
             run = Run([*common, f"data.output={out}"], work / f"run{len(report['runs'])}.log")
         if not events:
@@ -200,7 +202,11 @@ def main(argv: list[str]) -> int:
             break
         target, kind = events[0]
         need = max(target, start_rows + 1)
-        while rows_on_disk(out, cache) < need or (kind == "worker" and not run.pids):
+        # Each kill waits until the last worker kill was noticed and its group rebuilt, so two
+        # kills that come due together do not hide one another (a driver killed 0.1 s after a
+        # rank never rebuilds that group: its rerun simply starts fresh groups).
+        while (rows_on_disk(out, cache) < need or (kind == "worker" and not run.pids)
+               or (rebuilding is not None and rebuilding not in run.pids)):
             if run.proc.poll() is not None or time.time() - run.t0 > s.run_timeout_s:
                 break
             time.sleep(0.05)
@@ -225,7 +231,8 @@ def main(argv: list[str]) -> int:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            run.pids.pop(g)   # wait for the rebuilt group's pids before the next worker kill
+            run.pids.pop(g)   # its rebuilt ranks' pids come back in a "group g ready" line
+            rebuilding = g
             victim = f"group {g} rank {r} (pid {pid})"
         report["events"].append({"kind": kind, "target": target, "rows_on_disk": now_rows,
                                  "t": round(time.time() - t_all, 1), "victim": victim})
