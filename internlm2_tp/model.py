@@ -143,7 +143,8 @@ class InternLM2Model(nn.Module):
         return self.output.gather(local) if gather else local
 
     # -- loading ------------------------------------------------------------------------------
-    def _tasks(self, reader: CheckpointReader) -> list[tuple[tuple[str, ...], nn.Module, Callable[[], None]]]:
+    def _tasks(self, reader: CheckpointReader
+               ) -> list[tuple[tuple[str, ...], nn.Module, Callable[[], None]]]:
         names = WEIGHT_NAMES[self.cfg.layout]
         emb_name = names["tok_embeddings"][0]
         out_names = names["output"]

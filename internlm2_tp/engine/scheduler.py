@@ -91,7 +91,12 @@ class Scheduler:
             budget -= n
         # 2. admit waiting sequences while budget, slots and blocks allow; hold back the ones
         # whose first block another prefilling row is computing (they hit the cache next step).
-        in_flight = {k for k in map(self._first_key, self.running) if k is not None}
+        # Running rows count only until their first block is computed: a decoding row's block
+        # may have left the cache (evicted under a twin's hash), yet nobody is computing it.
+        bs = self.blocks.block_size
+        in_flight = {k for k in map(self._first_key,
+                                    (s for s in self.running if s.num_computed < bs))
+                     if k is not None}
         held: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
