@@ -9,7 +9,8 @@ row yields the same tokens whatever batch it is in and wherever it sits in it.
 Per step there are no per-row Python loops: the batch is handled by a few [B] / [B, V]
 tensor ops.  Filters use partial ``torch.topk``; the full vocab is sorted only for a
 top-p row whose nucleus does not fit in its best TOP_P_WINDOW logits.  The draw is an
-inverse CDF in vocab order (cumsum + searchsorted).  Greedy rows take the argmax; an all-greedy batch is one argmax.
+inverse CDF in vocab order (cumsum + searchsorted).  Greedy rows take the argmax; an
+all-greedy batch is one argmax.
 """
 from __future__ import annotations
 
