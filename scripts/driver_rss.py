@@ -6,8 +6,8 @@
 Starts a private Ray head (`ray start --head` on loopback, its own temp dir, stopped alone),
 writes a tiny checkpoint and one Parquet file per row count (text prompts, chat messages and
 token ids, like the demo), runs `jobs/batch_infer.py` on each with `ray.address` set to that
-cluster, so the driver's Ray workers are not its children, and reads the driver's own peak RSS (getrusage in a fresh parent).
-Prints one line per run and the ratio of the largest to the smallest.
+cluster, so the driver's Ray workers are not its children, and reads the driver's own peak RSS
+(getrusage in a fresh parent). Prints one line per run and the ratio of the largest to the smallest.
 """
 from __future__ import annotations
 
