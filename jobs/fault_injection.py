@@ -201,7 +201,10 @@ def main(argv: list[str]) -> int:
             print(f"run {len(report['runs'])}: finished, rc {rc}, {report['runs'][-1]['wall_s']} s", flush=True)
             break
         target, kind = events[0]
-        need = max(target, start_rows + 1)
+        # At least one new row per run, but never more rows than the input has: a run that
+        # starts with every row on disk (its driver was killed after the last shard) is killed
+        # at start-up, which is a fault worth surviving too.
+        need = min(max(target, start_rows + 1), s.rows)
         # Each kill waits until the last worker kill was noticed and its group rebuilt, so two
         # kills that come due together do not hide one another (a driver killed 0.1 s after a
         # rank never rebuilds that group: its rerun simply starts fresh groups).
