@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from internlm2_tp import ops
 from internlm2_tp.attention import dense_metadata
 from internlm2_tp.checkpoint import CheckpointReader
 from internlm2_tp.config import ModelConfig
@@ -55,11 +56,16 @@ def _status_kib(field: str) -> int:
 
 def rank_load_rss(rank: int, world: int, port: int, ckpt: str) -> dict[str, int]:
     """RSS growth while loading: the kernel's peak (VmHWM, reset just before load_weights via
-    /proc/self/clear_refs) above the RSS just before loading starts."""
+    /proc/self/clear_refs) above the RSS just before loading starts.
+
+    One small weight is packed first: the first oneDNN reorder pages in ~10 MiB of
+    libtorch_cpu.so code (file-backed, the same for any model size), which is not weight
+    memory; every process that runs a matmul has those pages anyway."""
     cfg = ModelConfig.from_dir(ckpt)
     tp = init_tp_group("cpu", rank, world, "127.0.0.1", port)
     model = InternLM2Model(cfg, tp, torch.float32, torch.device("cpu"))
     reader = CheckpointReader(ckpt)
+    ops.pack_linear_weight(torch.ones(64, 64))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS watermark to the current RSS
     before = _status_kib("VmRSS")

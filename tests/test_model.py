@@ -123,3 +123,18 @@ def test_staging_pool_reuses_freed_buffers():
     c = pool.take(torch.Size([4, 8]), torch.float32, cpu)       # that one is in use: a new one
     assert c.data_ptr() != where
     assert pool.take(torch.Size([3]), torch.bfloat16, cpu).dtype == torch.bfloat16
+
+
+def test_staging_pool_drops_smaller_buffers_when_a_bigger_one_is_needed():
+    """The pool holds at most what is staged at once: a weight too big for every free buffer
+    replaces them (freed), and that buffer then serves the smaller shapes."""
+    from internlm2_tp.parallel.layers import StagingPool
+
+    pool, cpu = StagingPool(), torch.device("cpu")
+    small = pool.take(torch.Size([4, 8]), torch.float32, cpu)
+    pool.give(small)
+    big = pool.take(torch.Size([16, 8]), torch.float32, cpu)
+    assert pool.free == []                                      # the small one was dropped
+    pool.give(big)
+    again = pool.take(torch.Size([4, 8]), torch.float32, cpu)
+    assert again.data_ptr() == big.data_ptr() and len(pool.free) == 0

@@ -29,8 +29,13 @@ class StagingPool:
         n = shape.numel()
         fits = [i for i, b in enumerate(self.free) if b.numel() >= n and b.dtype == dtype
                 and b.device == device]
-        buf = (self.free.pop(min(fits, key=lambda i: self.free[i].numel())) if fits
-               else torch.empty(n, dtype=dtype, device=device))
+        if fits:
+            buf = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+        else:
+            # Nothing free is big enough: drop the free buffers (this one serves their sizes
+            # from now on), so the pool peaks at the largest weights staged at once.
+            self.free.clear()
+            buf = torch.empty(n, dtype=dtype, device=device)
         return buf[:n].view(shape)
 
     def give(self, view: torch.Tensor) -> None:
