@@ -25,10 +25,11 @@ from internlm2_tp.cli import user_errors
 from internlm2_tp.config import ModelConfig, check_tp
 from internlm2_tp.job_config import JobConfig, JobConfigError
 from internlm2_tp.runtime.interrupts import InterruptGuard
-from internlm2_tp.runtime.io import InputColumns, InputRow, iter_rows, plan_input, would_read
+from internlm2_tp.runtime.io import InputColumns, InputRow, plan_input, would_read
 from internlm2_tp.runtime.output import ShardWriter, prepare_output_dir, write_manifest
 from internlm2_tp.runtime.preflight import check_checkpoint
 from internlm2_tp.runtime.rows import Request, base_params, error_row, finished_row, to_request
+from internlm2_tp.runtime.stream import iter_rows
 from internlm2_tp.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

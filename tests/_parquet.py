@@ -1,0 +1,24 @@
+"""Parquet inputs for tests/test_io.py (planning) and tests/test_stream.py (streaming)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from internlm2_tp.runtime.io import InputColumns, InputRow, plan_input
+from internlm2_tp.runtime.stream import iter_rows
+
+COLS = InputColumns()
+MSG_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def write(path: Path, data: dict, schema: pa.Schema | None = None, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(data, schema=schema), path, **kw)
+    return path
+
+
+def all_rows(spec: str, cols: InputColumns = COLS, batch_rows: int = 3, skip=None) -> list[InputRow]:
+    plan = plan_input(spec, cols)
+    return [r for batch in iter_rows(plan, cols, batch_rows, skip) for r in batch]

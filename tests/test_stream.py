@@ -1,0 +1,124 @@
+"""runtime/stream.py: bounded batches in file order, done ids skipped, row-level errors."""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from _parquet import COLS, MSG_TYPE, all_rows, write
+from internlm2_tp.runtime.io import InputError, plan_input
+from internlm2_tp.runtime.stream import iter_rows
+
+
+# ---------------------------------------------------------------- ids and streaming
+def test_row_number_ids_across_files(tmp_path: Path) -> None:
+    write(tmp_path / "b.parquet", {"prompt": ["b0", "b1"]})
+    write(tmp_path / "a.parquet", {"prompt": ["a0", "a1", "a2"]})
+    plan = plan_input(str(tmp_path), COLS)
+    assert not plan.has_id_column and plan.id_type == pa.int64() and plan.num_rows == 5
+    assert plan.file_rows == [3, 2]
+    rows = all_rows(str(tmp_path), batch_rows=2)
+    assert [(r.id, r.prompt) for r in rows] == [(0, "a0"), (1, "a1"), (2, "a2"), (3, "b0"), (4, "b1")]
+    # stable across reruns, and skip_ids refers to the same numbering
+    rows = all_rows(str(tmp_path), batch_rows=2, skip=pa.array([0, 3], pa.int64()))
+    assert [(r.id, r.prompt) for r in rows] == [(1, "a1"), (2, "a2"), (4, "b1")]
+
+
+def test_batches_are_full_and_skip_ids_filtered(tmp_path: Path) -> None:
+    n = 1000
+    f = write(tmp_path / "a.parquet", {"id": pa.array(range(n), pa.int32()), "prompt": [f"p{i}" for i in range(n)]},
+              row_group_size=64)
+    plan = plan_input(str(f), COLS)
+    skip = pa.array(range(0, n, 3), pa.int64())  # other int width than the input: cast
+    batches = list(iter_rows(plan, COLS, 100, skip))
+    got = [r.id for b in batches for r in b]
+    assert got == [i for i in range(n) if i % 3]
+    assert all(len(b) == 100 for b in batches[:-1]) and 0 < len(batches[-1]) <= 100
+    with pytest.raises(InputError, match="incompatible"):
+        list(iter_rows(plan, COLS, 100, pa.array(["x"])))
+    with pytest.raises(ValueError):
+        list(iter_rows(plan, COLS, 0))
+
+
+def test_streaming_memory_is_bounded(tmp_path: Path) -> None:
+    n, chunk = 200_000, 10_000
+    path = tmp_path / "big.parquet"
+    pad = "x" * 500  # ~100 MB of prompt text in total: materialising it would blow the budget
+    schema = pa.schema([("id", pa.int64()), ("prompt", pa.string()), ("temperature", pa.float64())])
+    with pq.ParquetWriter(path, schema) as w:
+        for s in range(0, n, chunk):
+            w.write_table(pa.table({"id": pa.array(range(s, s + chunk), pa.int64()),
+                                    "prompt": [f"{i}{pad}" for i in range(s, s + chunk)],
+                                    "temperature": [0.5] * chunk}, schema=schema), row_group_size=5000)
+    gc.collect()
+    proc = psutil.Process()
+    base = peak = proc.memory_info().rss
+    plan = plan_input(str(path), COLS)
+    skip = pa.array(range(0, n, 2), pa.int64())
+    count = 0
+    for batch in iter_rows(plan, COLS, 1000, skip):
+        count += len(batch)
+        assert batch[0].error is None and batch[0].overrides == {"temperature": 0.5}
+        peak = max(peak, proc.memory_info().rss)
+    assert count == n // 2
+    assert (peak - base) / 2**20 < 60, f"RSS grew by {(peak - base) / 2**20:.1f} MB"
+
+
+# ---------------------------------------------------------------- row-level errors
+def test_row_level_errors_name_row_and_column(tmp_path: Path) -> None:
+    msgs = [
+        None, None, [{"role": "user", "content": "hi"}], None, [], [{"role": None, "content": "x"}],
+        [{"role": "", "content": "x"}], [{"role": "user", "content": None}], None, None, None, None, None, None,
+        [{"role": "system", "content": ""}, {"role": "user", "content": "q"}],
+    ]
+    data = {
+        "id": pa.array([f"r{i}" for i in range(15)]),
+        "prompt": ["ok", None, "also", "", None, None, None, None, None, None, "p", "p", "p", "p", None],
+        "messages": pa.array(msgs, MSG_TYPE),
+        "prompt_token_ids": pa.array([None] * 8 + [[], [3, -1], None, None, None, None, None], pa.list_(pa.int64())),
+        "temperature": [0.7, None, None, None, None, None, None, None, None, None, -0.1, None, float("nan"), None, None],
+        "top_p": [None] * 11 + [1.5, None, 0.0, 0.9],
+        "top_k": pa.array([None] * 11 + [-1, None, None, 5], pa.int64()),
+        "max_new_tokens": pa.array([16] + [None] * 12 + [0, None], pa.int64()),
+        "seed": pa.array([None] * 14 + [7], pa.int64()),
+    }
+    f = write(tmp_path / "a.parquet", data)
+    rows = {r.id: r for r in all_rows(str(f), batch_rows=4)}
+    assert len(rows) == 15
+    expect = {
+        "r1": "none of the prompt columns",
+        "r2": "more than one prompt form",
+        "r3": "column 'prompt' is an empty string",
+        "r4": "column 'messages' is an empty list",
+        "r5": "message 0 has a null or empty role",
+        "r6": "message 0 has a null or empty role",
+        "r7": "message 0 has null content",
+        "r8": "column 'prompt_token_ids' is an empty list",
+        "r9": "column 'prompt_token_ids' contains null or negative",
+        "r10": "column 'temperature': -0.1 must be finite and >= 0",
+        "r11": "column 'top_p': 1.5 must be in (0, 1]",
+        "r12": "column 'temperature': nan must be finite",
+        "r13": "column 'max_new_tokens': 0 must be >= 1",
+    }
+    for rid, text in expect.items():
+        err = rows[rid].error
+        assert err is not None and err.startswith(f"row id {rid!r}:") and text in err, (rid, err)
+        assert rows[rid].prompt is None and rows[rid].messages is None and rows[rid].token_ids is None
+    assert "column 'top_p': 0.0" in rows["r13"].error and "column 'top_k': -1" in rows["r11"].error
+    ok0, ok14 = rows["r0"], rows["r14"]
+    assert ok0.error is None and ok0.prompt == "ok" and ok0.overrides == {"temperature": 0.7, "max_new_tokens": 16}
+    assert isinstance(ok0.overrides["max_new_tokens"], int)
+    assert ok14.error is None and ok14.messages[0] == {"role": "system", "content": ""}
+    assert ok14.overrides == {"top_p": 0.9, "top_k": 5, "seed": 7}
+
+
+def test_invalid_utf8_in_string_column_is_row_error(tmp_path: Path) -> None:
+    bad = pa.array([b"good", b"\xff\xfe bad"], pa.binary()).view(pa.string())
+    f = write(tmp_path / "a.parquet", {"id": [1, 2], "prompt": bad})
+    rows = all_rows(str(f))
+    assert rows[0].error is None and rows[0].prompt == "good"
+    assert rows[1].error == "row id 2: column 'prompt' is not valid UTF-8"
