@@ -115,8 +115,16 @@ class InternLM2Model(nn.Module):
         self.output = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
         self.rotary = RotaryEmbedding(cfg, device, dtype)
         self.fused = ops.npu_ops() if device.type == "npu" else None
-        # This rank's weight bytes, as allocated (before pack() may re-lay them out).
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
+
+    @property
+    def weight_bytes(self) -> int:
+        """This rank's weight bytes as held now: after loading that is the packed copies of the
+        CPU matmul weights and an embedding kept in the checkpoint's dtype (fp32 runs of bf16
+        checkpoints), so the reported figure is what the rank really holds."""
+        dense = sum(p.numel() * p.element_size() for p in self.parameters())
+        packed = sum(m.packed.numel() * m.packed.element_size() for m in self.modules()
+                     if isinstance(m, ShardedLinear) and m.packed is not None)
+        return dense + packed
 
     @property
     def kv_heads_local(self) -> int:

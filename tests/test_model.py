@@ -109,6 +109,24 @@ def test_bf16_checkpoint_in_fp32_keeps_the_embedding_in_bf16_exactly(make_ckpt, 
     assert wide.tok_embeddings.weight.dtype == torch.float32
     assert torch.equal(compact, prefill_logits(wide, SEQS))
     assert (sharded - compact).abs().max().item() < 1e-4
+    # the reported per-rank weight bytes are what is held: 2 bytes less per embedding entry
+    table = SPEC["vocab_size"] * SPEC["hidden_size"]
+    assert wide.weight_bytes - model.weight_bytes == table * 2
+
+
+def test_weight_bytes_count_packed_weights(ckpt):
+    """After loading on CPU the matmul weights live only in their packed copies (the dense
+    parameters are emptied); weight_bytes counts those, so it still equals the bytes of the
+    dense layout allocated before loading."""
+    from internlm2_tp import ops
+    from internlm2_tp.model import InternLM2Model
+
+    if not ops.packs_linear_weight(torch.ones(1, 1)):
+        pytest.skip("this torch build cannot pack linear weights for oneDNN (nothing to count)")
+    loaded = build_model(0, 1, 0, ckpt)
+    assert loaded.output.packed is not None and loaded.output.weight.numel() == 0
+    fresh = InternLM2Model(loaded.cfg, loaded.tp, torch.float32, torch.device("cpu"))
+    assert loaded.weight_bytes == fresh.weight_bytes > 0
 
 
 def test_staging_pool_reuses_freed_buffers():
