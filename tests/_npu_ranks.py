@@ -24,7 +24,7 @@ def rnd(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def platform(emulate_npu: bool, free_bytes: int = 32 << 30) -> Platform:
+def platform(emulate_npu: bool, free_bytes: int = 512 << 20) -> Platform:
     return NpuPlatform(FakeTorchNpu(free_bytes=free_bytes), emulate=True) if emulate_npu \
         else CpuPlatform()
 

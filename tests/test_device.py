@@ -109,7 +109,7 @@ def test_emulated_npu_selects_its_device_and_stays_on_cpu(monkeypatch) -> None:
     monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "0,1,2,3")
     assert npu.local_device(2) == torch.device("cpu") and fake.npu.current == 2
     assert (npu.device_type, npu.backend, npu.free_memory(torch.device("cpu"))) == (
-        "cpu", "gloo", 32 << 30)
+        "cpu", "gloo", 512 << 20)
     monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "0, 1")
     with pytest.raises(DeviceError, match="CANN stops reading"):
         npu.local_device(0)

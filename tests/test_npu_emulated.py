@@ -5,12 +5,17 @@ forward at tp 1 and 2 (gloo) in bf16, the engine end to end with prefix cache an
 and two ranks whose memory queries disagree. Nothing here needs a device; nothing skips."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from _mp import run_ranks
 from _npu_ranks import (BLOCK, STEPS, attention_step, build, mixed_step, no_host_reads,
                         platform, prefill, rank_generate, rank_logits, rank_worker, rnd)
+from conftest import ROOT
 from internlm2_tp.attention import AttentionMetadata, TorchAttention
 from internlm2_tp.attention.npu_backend import NpuAttention
 from internlm2_tp.engine.sampler import SamplingParams
@@ -201,3 +206,13 @@ def test_ranks_agree_on_kv_blocks_when_their_memory_differs(ckpt) -> None:
     assert r0["stats"]["preemptions"] > 0 and r0["stats"] == r1["stats"] | {
         "busy_s": r0["stats"]["busy_s"]}
     assert len(r0["out"]) == 6 and digest(r0["out"]) == r1["out"]
+
+
+def test_device_check_script_runs_on_the_emulated_npu() -> None:
+    """scripts/device_check.py --emulate-npu: every row of its table ok, exit code 0."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_check.py"),
+                        "--emulate-npu", "--tp", "2"], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    table = r.stdout[r.stdout.index("device check: npu emulated"):]
+    assert "FAIL" not in table and table.count("  ok  ") == 10, table

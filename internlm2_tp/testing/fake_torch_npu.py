@@ -67,10 +67,11 @@ class FakeNpuRuntime:
 
 
 class FakeTorchNpu:
-    def __init__(self, free_bytes: int = 32 << 30, total_bytes: int = 64 << 30,
+    def __init__(self, free_bytes: int = 512 << 20, total_bytes: int = 64 << 30,
                  device_count: int = 8, jit_compile: bool = True):
-        """`jit_compile=True` (the strictest, and the older pages' only mode) adds rotary's
-        D == 128; `free_bytes` is what npu.mem_get_info reports as free."""
+        """`free_bytes` is what npu.mem_get_info reports free: small by default, as an emulated
+        KV cache sized from it lives in host memory. `jit_compile=True` (the strictest, and the
+        older pages' only mode) adds rotary's D == 128."""
         self.npu = FakeNpuRuntime(free_bytes, total_bytes, device_count)
         self.jit_compile = jit_compile
         self.calls: Counter[str] = Counter()
