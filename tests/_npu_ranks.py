@@ -168,3 +168,15 @@ def attention_step(seqs: list[tuple[int, int]], dtype: torch.dtype, spare: int =
     q, k, v = rnd(t, h, 128, seed=1), rnd(t, kvh, 128, seed=2), rnd(t, kvh, 128, seed=3)
     cache = [rnd(len(perm), BLOCK, kvh, 128, seed=s).to(device, dtype) for s in (4, 5)]
     return meta, [x.to(device, dtype) for x in (q, k, v)], cache
+
+
+def rank_agree(rank: int, world: int, port: int) -> tuple:
+    """What two ranks agree on when their own figures differ: KV blocks, the model dtype."""
+    from internlm2_tp.runtime.worker import agree_dtype
+
+    tp = init_tp_group("cpu", rank, world, "127.0.0.1", port)
+    blocks = tp.agree_min(100 + 7 * rank)
+    dtype = agree_dtype(tp, torch.bfloat16 if rank == 0 else torch.float32)
+    same = agree_dtype(tp, torch.bfloat16)
+    destroy_tp_group(tp)
+    return blocks, dtype, same

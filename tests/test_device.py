@@ -103,6 +103,17 @@ def test_local_device_selects_the_ray_assigned_device(monkeypatch) -> None:
     assert CpuPlatform().local_device() == torch.device("cpu")
 
 
+def test_auto_dtype_per_platform(make_ckpt) -> None:
+    """On the NPU `auto` runs half-precision InternLM2 checkpoints in bf16 (trained in bf16;
+    fp16 drifts on long generations); elsewhere it keeps config.resolve_dtype's rule."""
+    from internlm2_tp.config import ModelConfig
+
+    fp16 = ModelConfig.from_dir(make_ckpt(dtype="float16", vocab_size=1000))
+    assert NpuPlatform().model_dtype("auto", fp16) == torch.bfloat16
+    assert NpuPlatform().model_dtype("float16", fp16) == torch.float16
+    assert CudaPlatform().model_dtype("auto", fp16) == torch.float16
+
+
 def test_emulated_npu_selects_its_device_and_stays_on_cpu(monkeypatch) -> None:
     fake = FakeTorchNpu(device_count=4)
     npu = NpuPlatform(fake, emulate=True)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from internlm2_tp.checkpoint import CheckpointReader
-from internlm2_tp.config import ModelConfig, resolve_dtype
+from internlm2_tp.config import ModelConfig
 from internlm2_tp.engine.engine import Engine, EngineConfig, Finished
 from internlm2_tp.model import InternLM2Model
 from internlm2_tp.parallel.group import TPGroup, destroy_tp_group, init_tp_group
@@ -84,7 +84,7 @@ class Worker:
         device = platform.local_device(s.local_index)
         cfg = ModelConfig.from_dir(s.model_path)
         tp = init_tp_group(platform, s.rank, s.tp, s.master_addr, s.master_port, s.timeout_s)
-        dtype = agree_dtype(tp, resolve_dtype(s.dtype, cfg, platform.device_type))
+        dtype = agree_dtype(tp, platform.model_dtype(s.dtype, cfg))
         model = InternLM2Model(cfg, tp, dtype, device, platform)
         reader = CheckpointReader(s.model_path)
         model.load_weights(reader)

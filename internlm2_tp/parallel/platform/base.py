@@ -129,6 +129,12 @@ class Platform:
         return {}
 
     # -- compute ----------------------------------------------------------------------------------
+    def model_dtype(self, name: str, cfg: Any) -> torch.dtype:
+        """model.dtype on this device: `auto` is the checkpoint's dtype, on a CPU only where it
+        multiplies bf16 natively (config.resolve_dtype)."""
+        from internlm2_tp.config import resolve_dtype
+        return resolve_dtype(name, cfg, self.device_type)
+
     def ops(self) -> Any:
         from internlm2_tp.ops import TorchOps
         return TorchOps()

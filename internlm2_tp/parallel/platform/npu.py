@@ -88,6 +88,13 @@ class NpuPlatform(Platform):
     def job_env(self, parallel: Any) -> dict[str, str]:
         return parallel.hccl_env()
 
+    def model_dtype(self, name: str, cfg: Any) -> torch.dtype:
+        """`auto` runs half-precision checkpoints in bf16: InternLM2 was trained in bf16, and the
+        vendor's notes for the 910B report fp16 drifting on long generations."""
+        if name == "auto" and cfg.torch_dtype in ("float16", "bfloat16"):
+            return torch.bfloat16
+        return super().model_dtype(name, cfg)
+
     def ops(self) -> Any:
         from internlm2_tp.ops.npu import NpuOps
         return NpuOps(self.torch_npu)
