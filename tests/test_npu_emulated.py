@@ -161,6 +161,20 @@ def test_forward_reads_nothing_back_from_the_device(ckpt, one_thread) -> None:
         assert logits.shape == (4, 1000) and reads == [], reads
 
 
+def test_a_step_that_samples_nothing_skips_the_norm_and_head(ckpt, one_thread) -> None:
+    """Only prefill chunks (no row samples): the layers run (the cache must be filled), the
+    final norm and the output head do not, and the model returns None."""
+    plat = platform(True)
+    model = build(0, 1, 0, ckpt, plat)
+    meta = mixed_step(model, [100, 50], [60, 50], [[0], [1]])
+    meta.logits_indices = meta.logits_indices[:0]
+    kv = [(torch.zeros(2, BLOCK, 2, 128, dtype=BF16), torch.zeros(2, BLOCK, 2, 128, dtype=BF16))
+          for _ in range(2)]
+    assert model(torch.randint(0, 1000, (110,)), meta, kv) is None
+    assert plat.torch_npu.calls["npu_rms_norm"] == 2 * 2            # two per layer, no final
+    assert kv[0][0].abs().sum() > 0
+
+
 # -- the engine ------------------------------------------------------------------------------------
 def engine_requests() -> list:
     """Two rows share a 128-token system prompt (a prefix-cache hit); four rows of 100-125
