@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from internlm2_tp.engine.engine import EngineConfig
+from internlm2_tp.parallel.platform import DEVICE_CHOICES
 
 
 class JobConfigError(ValueError):
@@ -47,8 +48,9 @@ class ParallelSection:
             raise JobConfigError(f"parallel.tp must be >= 1, got {self.tp}")
         if self.replicas < 1:
             raise JobConfigError(f"parallel.replicas must be >= 1, got {self.replicas}")
-        if self.device not in ("auto", "npu", "cuda", "cpu"):
-            raise JobConfigError(f"parallel.device must be auto, npu, cuda or cpu; got {self.device!r}")
+        if self.device not in DEVICE_CHOICES:
+            raise JobConfigError(f"parallel.device must be one of {', '.join(DEVICE_CHOICES)}; "
+                                 f"got {self.device!r}")
         if self.timeout_s <= 0:
             raise JobConfigError(f"parallel.timeout_s must be > 0, got {self.timeout_s}")
         if not 120 <= self.hccl_connect_timeout <= 7200:

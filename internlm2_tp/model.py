@@ -4,23 +4,29 @@ Parameter names follow the checkpoint (`attention.wqkv`, `attention.wo`, `feed_f
 with w1 and w3 stacked into one `w13` matmul, `attention_norm`, `ffn_norm`, `tok_embeddings`,
 `output`). WEIGHT_NAMES maps each parameter to its checkpoint tensor(s) in both layouts we read:
 InternLM2's own and the Llama layout our converter writes.
+
+The op set (norm, rotary, swiglu) and the attention backend come from the platform, chosen once
+when the model is built; the collectives are explicit calls in the decoder layer.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from internlm2_tp import ops
-from internlm2_tp.attention import AttentionMetadata, paged_attention
+from internlm2_tp.attention import AttentionMetadata
 from internlm2_tp.checkpoint import CheckpointError, CheckpointReader
 from internlm2_tp.config import ModelConfig, check_tp
-from internlm2_tp.parallel.device import TPGroup
-from internlm2_tp.parallel.layers import (ColumnParallelLinear, MergedColumnParallelLinear,
-                                          ParallelLMHead, QKVParallelLinear, RowParallelLinear,
-                                          ShardedLinear, StagingPool, VocabParallelEmbedding)
+from internlm2_tp.parallel.group import TPGroup
+from internlm2_tp.parallel.layers import (MergedColumnParallelLinear, ParallelLMHead,
+                                          QKVParallelLinear, RowParallelLinear, ShardedLinear,
+                                          StagingPool, VocabParallelEmbedding)
+from internlm2_tp.parallel.platform import Platform, platform_for
 from internlm2_tp.rotary import RotaryEmbedding
+
+Rope = tuple[torch.Tensor, torch.Tensor]   # cos, sin [T, d] of this step's tokens
+KV = tuple[torch.Tensor, torch.Tensor]     # one layer's key and value caches
 
 # Our parameter -> checkpoint tensor name(s), per layout. "{i}" is the layer index.
 WEIGHT_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -50,11 +56,21 @@ WEIGHT_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden: int, eps: float, dtype: torch.dtype, device: torch.device):
+    """RMSNorm; with `residual`, the fused add-and-norm: (norm(x + residual), x + residual)."""
+
+    def __init__(self, hidden: int, eps: float, dtype: torch.dtype, device: torch.device,
+                 ops: Any):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(hidden, dtype=dtype, device=device),
                                    requires_grad=False)
-        self.eps, self.hidden, self.fully_loaded = eps, hidden, False
+        self.eps, self.hidden, self.ops, self.fully_loaded = eps, hidden, ops, False
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        h = residual + x
+        return self.ops.rms_norm(h, self.weight, self.eps), h
 
     def load(self, reader: CheckpointReader, name: str) -> None:
         reader.expect_shape(name, (self.hidden,))
@@ -63,58 +79,74 @@ class RMSNorm(nn.Module):
 
 
 class InternLM2Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device,
+                 ops: Any, backend: Any):
         super().__init__()
         d = cfg.head_dim
         self.wqkv = QKVParallelLinear(cfg.hidden_size, cfg.num_attention_heads,
                                       cfg.num_key_value_heads, d, tp, dtype, device)
         self.wo = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, tp, dtype, device)
-        self.head_dim, self.scale = d, d ** -0.5
+        self.head_dim, self.scale, self.ops, self.backend = d, d ** -0.5, ops, backend
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
-                fused: object | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, kv: KV, meta: AttentionMetadata
+                ) -> torch.Tensor:
+        """x [T, hidden] -> this rank's PARTIAL sum of the output projection [T, hidden]."""
         qkv = self.wqkv(x)                                                    # [T, (q+2kv)*d]
         q, k, v = qkv.split([self.wqkv.q_size, self.wqkv.kv_size, self.wqkv.kv_size], dim=-1)
         t, d = x.shape[0], self.head_dim
-        q, k = ops.apply_rotary(q.view(t, -1, d), k.view(t, -1, d), cos, sin, fused)
-        o = paged_attention(q, k, v.view(t, -1, d), kv[0], kv[1], meta, self.scale,
-                            fused)                                            # [T, q*d]
-        return self.wo(o)                                     # PARTIAL sum: caller all-reduces
+        q, k = self.ops.rotary(q.view(t, -1, d), k.view(t, -1, d), *rope)    # [T, heads, d]
+        o = self.backend.forward(q, k, v.view(t, -1, d), kv, meta, self.scale)  # [T, q*d]
+        return self.wo(o)
 
 
 class InternLM2MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device,
+                 ops: Any):
         super().__init__()
         f, h = cfg.intermediate_size, cfg.hidden_size
         self.w13 = MergedColumnParallelLinear(h, [f, f], tp, dtype, device)   # w1 gate | w3 up
         self.w2 = RowParallelLinear(f, h, tp, dtype, device)
+        self.ops = ops
 
-    def forward(self, x: torch.Tensor, fused: object | None) -> torch.Tensor:
-        return self.w2(ops.silu_and_mul(self.w13(x), fused))  # PARTIAL sum: caller all-reduces
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> this rank's PARTIAL sum [T, hidden]."""
+        return self.w2(self.ops.silu_and_mul(self.w13(x)))
 
 
 class InternLM2Layer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device,
+                 ops: Any, backend: Any):
         super().__init__()
-        self.attention = InternLM2Attention(cfg, tp, dtype, device)
-        self.feed_forward = InternLM2MLP(cfg, tp, dtype, device)
-        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.tp = tp
+        self.attention = InternLM2Attention(cfg, tp, dtype, device, ops, backend)
+        self.feed_forward = InternLM2MLP(cfg, tp, dtype, device, ops)
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops)
+
+    def forward(self, h: torch.Tensor, rope: Rope, kv: KV, meta: AttentionMetadata
+                ) -> torch.Tensor:
+        """h [T, hidden] (the residual stream) -> h after attention and MLP."""
+        a = self.tp.all_reduce(self.attention(self.attention_norm(h), rope, kv, meta))
+        x, h = self.ffn_norm(a, residual=h)
+        return h + self.tp.all_reduce(self.feed_forward(x))
 
 
 class InternLM2Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device,
+                 platform: Platform | None = None):
         super().__init__()
         check_tp(cfg, tp.size)
         self.cfg, self.tp, self.dtype, self.device = cfg, tp, dtype, device
+        self.platform = platform if platform is not None else platform_for(torch.device(device))
+        self.ops = self.platform.ops()
+        self.attention_backend = self.platform.attention()
+        ops, backend = self.ops, self.attention_backend
         self.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
-        self.layers = nn.ModuleList(InternLM2Layer(cfg, tp, dtype, device)
+        self.layers = nn.ModuleList(InternLM2Layer(cfg, tp, dtype, device, ops, backend)
                                     for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops)
         self.output = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
         self.rotary = RotaryEmbedding(cfg, device, dtype)
-        self.fused = ops.npu_ops() if device.type == "npu" else None
 
     @property
     def weight_bytes(self) -> int:
@@ -130,24 +162,27 @@ class InternLM2Model(nn.Module):
     def kv_heads_local(self) -> int:
         return self.layers[0].attention.wqkv.kv_local
 
+    @property
+    def heads_local(self) -> int:
+        return self.layers[0].attention.wqkv.q_local
+
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], gather: bool = True
-                ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KV],
+                gather: bool = True) -> torch.Tensor | None:
         """input_ids [T] -> logits [B, vocab] fp32 at meta.logits_indices ([T, vocab] if None);
-        with gather=False this rank's vocab shard [B, per_rank] (for output.argmax)."""
-        cos, sin = self.rotary(meta.positions, meta.rope_lengths)              # [T, d]
+        with gather=False this rank's vocab shard [B, per_rank] (for output.argmax). None when
+        the step samples nothing (only prefill chunks): the norm and the head are skipped."""
+        self.attention_backend.prepare(meta, kv_caches[0][0], self.heads_local)
+        rope = self.rotary(meta.positions, meta.rope_lengths, meta.max_position,
+                           meta.max_rope_length)                               # [T, d] each
         h = self.tp.all_reduce(self.tok_embeddings(input_ids))                 # [T, hidden]
-        fused, eps = self.fused, self.cfg.rms_norm_eps
         for layer, kv in zip(self.layers, kv_caches):
-            x = ops.rms_norm(h, layer.attention_norm.weight, eps, fused)
-            a = self.tp.all_reduce(layer.attention(x, cos, sin, kv, meta, fused))
-            x, h = ops.add_rms_norm(a, h, layer.ffn_norm.weight, eps, fused)
-            h = h + self.tp.all_reduce(layer.feed_forward(x, fused))
+            h = layer(h, rope, kv, meta)
         if meta.logits_indices is not None:
+            if meta.logits_indices.numel() == 0:
+                return None
             h = h[meta.logits_indices]                                         # [B, hidden]
-        h = ops.rms_norm(h, self.norm.weight, eps, fused)
-        local = self.output(h)                                                 # [B, per_rank]
+        local = self.output(self.norm(h))                                      # [B, per_rank]
         return self.output.gather(local) if gather else local
 
     # -- loading ------------------------------------------------------------------------------
@@ -199,10 +234,10 @@ class InternLM2Model(nn.Module):
         pool = StagingPool()
         for names, module, load in sorted(tasks, key=lambda t: str(reader.file_of(t[0][0]))):
             if isinstance(module, ShardedLinear):
-                module.stage(pool)
+                module.stage(pool, self.ops)
             load()
             if isinstance(module, ShardedLinear) and module.fully_loaded:
-                module.pack(pool)
+                module.pack(pool, self.ops)
         reader.release()
         unloaded = [n for n, m in self.named_modules() if hasattr(m, "fully_loaded")
                     and not m.fully_loaded]

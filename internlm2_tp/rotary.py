@@ -51,33 +51,32 @@ class RotaryEmbedding:
             self.d / (self.d - 2))
         return torch.where(ln > self.max_pos, b, torch.full_like(b, self.theta))
 
-    def __call__(self, positions: torch.Tensor, lengths: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions, lengths [T] -> cos, sin [T, d] in the model dtype."""
-        top = int(positions.max()) + 1 if positions.numel() else 1
-        if top > self.cos_table.shape[0]:
-            self._grow(top)
+    def __call__(self, positions: torch.Tensor, lengths: torch.Tensor, max_position: int,
+                 max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions, lengths [T] -> cos, sin [T, d] in the model dtype. `max_position` and
+        `max_length` are the step's largest position and rope length, known to the host (no
+        device read)."""
+        if max_position + 1 > self.cos_table.shape[0]:
+            self._grow(max_position + 1)
         cos, sin = self.cos_table[positions], self.sin_table[positions]
-        if self.kind == "dynamic":
-            long = lengths > self.max_pos
-            if bool(long.any()):
-                idx = long.nonzero().squeeze(1)
-                base = self.base_for(lengths[idx]).to(torch.float32)                  # [n]
-                inv = 1.0 / (base[:, None] ** self.exponents[None, :])                # [n, d/2]
-                freqs = positions[idx].to(torch.float32)[:, None] * inv
-                emb = torch.cat((freqs, freqs), dim=-1)
-                cos, sin = cos.clone(), sin.clone()
-                cos[idx], sin[idx] = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        if self.kind == "dynamic" and max_length > self.max_pos:
+            cos, sin = self._dynamic(positions, lengths, cos, sin)
         return cos, sin
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-def apply_rotary_plain(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, H, d], k [T, KVH, d], cos/sin [T, d]."""
-    c, s = cos[:, None, :], sin[:, None, :]
-    return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+    def _dynamic(self, positions: torch.Tensor, lengths: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-rotate the tokens whose length passes max_position_embeddings, with their own
+        base. The base is computed in float64 on the host (as the official model's Python
+        floats; devices lack float64): on a device this reads the step's lengths back, once,
+        only in steps holding such a token (32k+ contexts, where a step's compute dwarfs it)."""
+        pos_h, len_h = positions.cpu(), lengths.cpu()
+        idx = (len_h > self.max_pos).nonzero().squeeze(1)                           # [n]
+        base = self.base_for(len_h[idx]).to(torch.float32)                           # [n]
+        inv = 1.0 / (base[:, None] ** self.exponents.cpu()[None, :])                  # [n, d/2]
+        freqs = pos_h[idx].to(torch.float32)[:, None] * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        idx = idx.to(cos.device)
+        cos, sin = cos.clone(), sin.clone()
+        cos[idx] = emb.cos().to(self.dtype).to(cos.device)
+        sin[idx] = emb.sin().to(self.dtype).to(sin.device)
+        return cos, sin

@@ -57,6 +57,7 @@ def main(argv: list[str]) -> int:
 def make_ray_pool(cfg):
     import ray
 
+    from internlm2_tp.parallel.platform import PLATFORMS
     from internlm2_tp.runtime.ray_pool import RayPool, cluster_device
     from internlm2_tp.runtime.worker import WorkerSpec
 
@@ -77,7 +78,7 @@ def make_ray_pool(cfg):
     spec = WorkerSpec(model_path=str(Path(cfg.model.path).resolve()), dtype=cfg.model.dtype,
                       device=device, tp=cfg.parallel.tp, rank=0, master_addr="127.0.0.1",
                       master_port=0, engine=cfg.engine, timeout_s=cfg.parallel.timeout_s,
-                      env=cfg.parallel.hccl_env() if device == "npu" else {},
+                      env=PLATFORMS[device]().job_env(cfg.parallel),
                       threads=int(cpus) if device == "cpu" else 0,
                       need_tokenizer=bool(cfg.generation.stop))
     return RayPool(spec, cfg.parallel.replicas, device, float(cpus), cfg.parallel.timeout_s,

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from internlm2_tp.job_config import JobConfigError, load_job_config
-    from internlm2_tp.parallel.device import BACKENDS, resolve_device_type
+    from internlm2_tp.parallel.platform import get_platform
     from internlm2_tp.runtime.driver import Job
     from internlm2_tp.runtime.torchrun_pool import TorchrunPool, follow
     from internlm2_tp.runtime.worker import Worker, WorkerSpec
@@ -37,18 +37,20 @@ def main(argv: list[str]) -> int:
     if cfg.parallel.replicas != 1:
         raise JobConfigError("parallel.replicas must be 1 under torchrun (use Ray for replicas)")
     cfg.parallel.tp = world
-    device = resolve_device_type(cfg.parallel.device)
-    if device == "cpu" and os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost"):
+    platform = get_platform(cfg.parallel.device)
+    device = platform.kind
+    if platform.backend == "gloo" and os.environ.get("MASTER_ADDR", "127.0.0.1") in (
+            "127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if world > 1:
-        dist.init_process_group(BACKENDS[device], init_method="env://",
+        dist.init_process_group(platform.backend, init_method="env://",
                                 timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
     # Control messages (requests, stop) travel over a CPU group whatever the device backend.
     ctrl = dist.new_group(backend="gloo") if world > 1 and device != "cpu" else None
     spec = WorkerSpec(model_path=cfg.model.path, dtype=cfg.model.dtype, device=device, tp=world,
                       rank=rank, master_addr="env", master_port=0, engine=cfg.engine,
                       timeout_s=cfg.parallel.timeout_s,
-                      env=cfg.parallel.hccl_env() if device == "npu" else {},
+                      env=platform.job_env(cfg.parallel),
                       need_tokenizer=bool(cfg.generation.stop), local_index=local)
     worker = Worker(spec)
     pool = TorchrunPool(worker, ctrl)

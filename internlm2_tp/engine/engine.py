@@ -1,8 +1,10 @@
 """The step loop: scheduler -> model forward over the paged cache -> sampler -> stop rules.
 
 Every rank of a tensor-parallel group runs this same loop on the same requests. The model's
-collectives are the only communication; all ranks see bitwise-identical gathered logits, and the
-sampler is a pure function of (logits, row seed, step), so every rank picks the same token.
+collectives are the only communication inside a step; all ranks see bitwise-identical gathered
+logits, and the sampler is a pure function of (logits, row seed, step), so every rank picks the
+same token. The one fact a rank learns from its own device, the memory free for the KV cache, is
+agreed (the group's minimum) before the cache is sized, so every scheduler has the same blocks.
 """
 from __future__ import annotations
 
@@ -47,13 +49,14 @@ class EngineConfig:
 @dataclass
 class RuntimeFacts:
     """What the engine found out at start (not configuration)."""
-    num_blocks: int
+    num_blocks: int                   # agreed by the group (the smallest rank's figure)
     block_size: int
     cache_tokens: int
     kv_bytes_per_token: int           # per rank
     weight_bytes: int                 # per rank
     max_model_len: int
     eos_ids: tuple[int, ...]
+    rank_blocks: tuple[int, ...] = ()  # what each rank's own memory allowed, before agreeing
 
     def describe(self) -> str:
         return (f"weights {self.weight_bytes / 2**30:.2f} GiB/rank; KV {self.kv_bytes_per_token} "
@@ -73,24 +76,28 @@ class Finished:
 
 
 def plan_cache(model: InternLM2Model, cfg: EngineConfig, eos_ids: tuple[int, ...]) -> RuntimeFacts:
+    """Size the KV cache: engine.num_kv_blocks, else engine.kv_cache_gb, else 90% of the
+    device memory free after loading (1 GiB on CPU). Every rank proposes its figure and the
+    group takes the smallest: the schedulers must agree on the blocks they share out."""
     mc, dev = model.cfg, model.device
     per_tok = kv_bytes_per_token(mc.num_hidden_layers, model.kv_heads_local, mc.head_dim, model.dtype)
     weights = model.weight_bytes
     if cfg.num_kv_blocks:
-        blocks = cfg.num_kv_blocks
+        mine = cfg.num_kv_blocks
     else:
         if cfg.kv_cache_gb:
             budget = cfg.kv_cache_gb * 2**30
-        elif dev.type == "cpu":
-            budget = 2**30
         else:
-            free, _ = getattr(torch, dev.type).mem_get_info(dev)
-            budget = 0.9 * free
-        blocks = max(1, int(budget // (per_tok * cfg.block_size)))
+            free = model.platform.free_memory(dev)
+            budget = 2**30 if free is None else 0.9 * free
+        mine = max(1, int(budget // (per_tok * cfg.block_size)))
+    blocks, every = model.tp.agree_min(mine)
+    if len(set(every)) > 1 and model.tp.rank == 0:
+        log.info("KV blocks per rank's own memory %s: all ranks use %d", every, blocks)
     ctx = mc.max_position_embeddings * (mc.rope_scaling.factor if mc.rope_scaling else 1)
     max_len = min(cfg.max_model_len or int(ctx), blocks * cfg.block_size)
     return RuntimeFacts(blocks, cfg.block_size, blocks * cfg.block_size, per_tok, weights,
-                        max_len, eos_ids)
+                        max_len, eos_ids, tuple(every))
 
 
 class Engine:
@@ -159,20 +166,13 @@ class Engine:
             if s:
                 last.append(offset - 1)
                 sampled.append(seq)
-        width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         ctx = [s.num_computed + n for s, n in zip(seqs, news)]
-        dev = self.model.device
-
-        def t(x: list) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.long, device=dev)
-
-        meta = AttentionMetadata(
-            positions=t(pos), rope_lengths=t(rope), slot_mapping=t(slots), block_tables=t(tables),
-            context_lens=t(ctx), query_lens=t(news), logits_indices=t(last), num_decodes=nd,
-            max_decode_context=max(ctx[:nd], default=0), max_prefill_query=max(news[nd:], default=0),
-            max_prefill_context=max(ctx[nd:], default=0))
-        return t(ids), meta, sampled
+        dev, to_device = self.model.device, self.model.platform.to_device
+        meta = AttentionMetadata.build(
+            positions=pos, rope_lengths=rope, slots=slots,
+            block_tables=[s.block_table for s in seqs], context_lens=ctx, query_lens=news,
+            logits_indices=last, device=dev, to_device=to_device, num_decodes=nd)
+        return to_device(torch.tensor(ids, dtype=torch.long), dev), meta, sampled
 
     def step(self) -> list[Finished]:
         step = self.scheduler.schedule()
@@ -182,12 +182,13 @@ class Engine:
         # Greedy rows without penalties need only the argmax: no vocab-wide gather across ranks.
         argmax_only = all(s.params.greedy and s.params.repetition_penalty == 1 for s in sampled)
         # Run even when no sequence samples (all mid-prefill chunks): the cache must be filled.
+        # The model then skips the norm and the head and returns None.
         logits = self.model(input_ids, meta, self.kv_caches, gather=not argmax_only)
         for seq, n in zip(step.seqs, step.num_new):
             seq.num_computed += n
             self.blocks.register_full_blocks(seq)
         self.steps += 1
-        if not sampled:
+        if logits is None:
             return []
         tokens = (self.model.output.argmax(logits).cpu() if argmax_only
                   else self._sample(logits, sampled)).tolist()

@@ -171,12 +171,21 @@ def apply_repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor,
     return torch.where(seen[:, :v], penalized, logits)
 
 
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _below(total: torch.Tensor) -> torch.Tensor:
+    """The largest float below each (positive, finite) total: nextafter(total, 0) by stepping
+    its bit pattern down one (torch.nextafter has no NPU kernel and falls back to the CPU)."""
+    bits = _SAME_WIDTH_INT[total.dtype]
+    return (total.contiguous().view(bits) - 1).view(total.dtype)
+
+
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Index i with cdf[i-1] <= u*total < cdf[i]; zero-probability entries never win."""
     cdf = torch.cumsum(probs, dim=-1)
     total = cdf[:, -1:]
-    target = torch.minimum(u.to(cdf.dtype).unsqueeze(1) * total,
-                           torch.nextafter(total, torch.zeros_like(total)))
+    target = torch.minimum(u.to(cdf.dtype).unsqueeze(1) * total, _below(total))
     idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
     return idx.clamp_(max=probs.shape[-1] - 1)
 

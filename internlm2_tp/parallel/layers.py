@@ -7,13 +7,17 @@ collective explicitly.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from internlm2_tp import ops
 from internlm2_tp.checkpoint import CheckpointReader
-from internlm2_tp.parallel.device import TPGroup
+from internlm2_tp.ops import TorchOps, linear
+from internlm2_tp.parallel.group import TPGroup
+
+CPU_OPS = TorchOps()   # layers built without a model (tests, tools) pack as the CPU does
 
 
 class StagingPool:
@@ -64,16 +68,17 @@ class ShardedLinear(nn.Module):
         self.weight.data[rows].copy_(block)
         self.parts_loaded.add(part)
 
-    def stage(self, pool: StagingPool) -> None:
+    def stage(self, pool: StagingPool, ops: Any = CPU_OPS) -> None:
         """Before the first part loads: take the dense weight from `pool` when pack() will
         re-lay it out (it is only a staging area then)."""
         w = self.weight.data
         if self.packable and not self.parts_loaded and w.numel() and ops.packs_linear_weight(w):
             self.weight.data = pool.take(w.shape, w.dtype, w.device)
 
-    def pack(self, pool: StagingPool | None = None) -> None:
-        """After loading, on CPU: keep the weight only in oneDNN's layout (faster matmuls, no
-        second copy in memory), and hand the dense memory back to `pool`. A no-op elsewhere."""
+    def pack(self, pool: StagingPool | None = None, ops: Any = CPU_OPS) -> None:
+        """After loading, where the op set repacks matmul weights (CPU: oneDNN's layout, faster
+        matmuls, no second copy in memory): keep only the packed copy and hand the dense memory
+        back to `pool`. A no-op elsewhere."""
         packed = ops.pack_linear_weight(self.weight.data) if self.packable else None
         if packed is not None:
             self.packed = packed
@@ -82,7 +87,7 @@ class ShardedLinear(nn.Module):
             self.weight.data = self.weight.data.new_empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.packed)
+        return linear(x, self.weight, self.packed)
 
 
 class ColumnParallelLinear(ShardedLinear):
@@ -254,7 +259,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     packable = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, per_rank]
-        return ops.linear(x, self.weight, self.packed)
+        return linear(x, self.weight, self.packed)
 
     def gather(self, local_logits: torch.Tensor) -> torch.Tensor:  # -> [B, vocab] float32
         full = self.tp.all_gather_last(local_logits.float())

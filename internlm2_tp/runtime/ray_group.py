@@ -22,7 +22,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from internlm2_tp.parallel.device import free_port
+from internlm2_tp.parallel.group import free_port
+from internlm2_tp.parallel.platform import PLATFORMS
 from internlm2_tp.runtime.rows import Request
 from internlm2_tp.runtime.worker import Worker, WorkerSpec, digest
 
@@ -34,12 +35,8 @@ class GroupFailed(RuntimeError):
 
 
 def device_resources(device: str, cpus: float) -> tuple[dict[str, float], dict[str, Any]]:
-    """(placement bundle, actor options) for one rank."""
-    if device == "npu":
-        return {"CPU": cpus, "NPU": 1}, {"num_cpus": cpus, "resources": {"NPU": 1}}
-    if device == "cuda":
-        return {"CPU": cpus, "GPU": 1}, {"num_cpus": cpus, "num_gpus": 1}
-    return {"CPU": cpus}, {"num_cpus": cpus}
+    """(placement bundle, actor options) for one rank: its platform's."""
+    return PLATFORMS[device]().ray_resources(cpus)
 
 
 @ray.remote(concurrency_groups={"health": 1})

@@ -10,6 +10,7 @@ from typing import Any
 
 import ray
 
+from internlm2_tp.parallel.platform import cluster_kind
 from internlm2_tp.runtime.ray_group import GroupFailed, RankActor, RayGroup, device_resources
 from internlm2_tp.runtime.rows import Request
 from internlm2_tp.runtime.worker import WorkerSpec
@@ -21,10 +22,7 @@ log = logging.getLogger(__name__)
 
 def cluster_device(requested: str) -> str:
     """`auto` on a Ray cluster: NPU if the cluster has the resource, else GPU, else CPU."""
-    if requested != "auto":
-        return requested
-    res = ray.cluster_resources()
-    return "npu" if res.get("NPU") else "cuda" if res.get("GPU") else "cpu"
+    return requested if requested != "auto" else cluster_kind(ray.cluster_resources())
 
 
 class RayPool:

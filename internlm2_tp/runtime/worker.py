@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from internlm2_tp.checkpoint import CheckpointReader
-from internlm2_tp.config import ModelConfig, resolve_dtype
+from internlm2_tp.config import ModelConfig
 from internlm2_tp.engine.engine import Engine, EngineConfig, Finished
 from internlm2_tp.model import InternLM2Model
-from internlm2_tp.parallel.device import (destroy_tp_group, init_tp_group, local_device,
-                                          resolve_device_type)
+from internlm2_tp.parallel.group import TPGroup, destroy_tp_group, init_tp_group
+from internlm2_tp.parallel.platform import Platform, get_platform
 from internlm2_tp.runtime.rows import Request
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,23 @@ def digest(results: list[Finished]) -> str:
     return h.hexdigest()
 
 
+def agree_dtype(tp: TPGroup, dtype: torch.dtype) -> torch.dtype:
+    """One dtype for the group. `auto` on a CPU depends on the host's bf16 support, which the
+    ranks of a torchrun job spanning machines may not share: the widest proposal wins."""
+    every = tp.all_gather_object(str(dtype).removeprefix("torch."))
+    if len(set(every)) == 1:
+        return dtype
+    chosen = "float32" if "float32" in every else "bfloat16"
+    if tp.rank == 0:
+        log.warning("ranks resolved model.dtype to %s: all use %s", every, chosen)
+    return getattr(torch, chosen)
+
+
 class Worker:
-    def __init__(self, spec: WorkerSpec):
-        self.spec = spec
+    def __init__(self, spec: WorkerSpec, platform: Platform | None = None):
+        """`platform`: None resolves spec.device in setup(); tools pass one (e.g. the NPU
+        emulated on CPU by scripts/device_check.py)."""
+        self.spec, self.platform = spec, platform
         self.engine: Engine | None = None
 
     def set_master(self, addr: str, port: int) -> None:
@@ -66,12 +80,12 @@ class Worker:
         if s.threads:
             torch.set_num_threads(s.threads)
         t0 = time.perf_counter()
-        device_type = resolve_device_type(s.device)
-        device = local_device(device_type, s.local_index)
+        platform = self.platform or get_platform(s.device)
+        device = platform.local_device(s.local_index)
         cfg = ModelConfig.from_dir(s.model_path)
-        dtype = resolve_dtype(s.dtype, cfg, device_type)
-        tp = init_tp_group(device_type, s.rank, s.tp, s.master_addr, s.master_port, s.timeout_s)
-        model = InternLM2Model(cfg, tp, dtype, device)
+        tp = init_tp_group(platform, s.rank, s.tp, s.master_addr, s.master_port, s.timeout_s)
+        dtype = agree_dtype(tp, platform.model_dtype(s.dtype, cfg))
+        model = InternLM2Model(cfg, tp, dtype, device, platform)
         reader = CheckpointReader(s.model_path)
         model.load_weights(reader)
         load_s = time.perf_counter() - t0

@@ -1,26 +1,15 @@
-"""Per-op dispatch: each op is one function with the torch_npu fused kernel where one exists and
-the plain-torch path as the fallback (and the reference the device tests compare against).
+"""The reference op set: plain torch, and oneDNN-packed matmul weights on CPU.
 
-`fused` is decided once per model (device type npu and torch_npu importable); nothing here
-imports torch_npu unless asked.
+Each op is one function (the model calls them through an op set chosen once from the platform:
+TorchOps here, NpuOps in npu.py); these functions are also the reference the device paths are
+compared against.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from internlm2_tp.rotary import apply_rotary_plain
-
 _ONEDNN_OK: bool | None = None
-
-
-def npu_ops() -> object | None:
-    """torch_npu when importable, else None (the plain path is used)."""
-    try:
-        import torch_npu
-    except ImportError:
-        return None
-    return torch_npu
 
 
 def _onednn_linear_ok() -> bool:
@@ -69,35 +58,49 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
     return F.linear(x, weight)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: object | None = None
-             ) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm in fp32 as the official model: normalize in fp32, cast back, then scale."""
-    if fused is not None:
-        return fused.npu_rms_norm(x, weight, epsilon=eps)[0]
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                 fused: object | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """residual + x, then RMSNorm of the sum: returns (normed, new residual)."""
-    h = residual + x
-    return rms_norm(h, weight, eps, fused), h
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 fused: object | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, H, d], k [T, KVH, d], cos/sin [T, d] (rotate-half convention)."""
-    if fused is not None:
-        c, s = cos[:, None, :], sin[:, None, :]
-        return fused.npu_rotary_mul(q, c, s), fused.npu_rotary_mul(k, c, s)
-    return apply_rotary_plain(q, k, cos, sin)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
 
 
-def silu_and_mul(gate_up: torch.Tensor, fused: object | None = None) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[.., 2n] (gate | up) -> silu(gate) * up [.., n]."""
-    if fused is not None:
-        return fused.npu_swiglu(gate_up, dim=-1)
     n = gate_up.shape[-1] // 2
     return F.silu(gate_up[..., :n]) * gate_up[..., n:]
+
+
+class TorchOps:
+    """The reference op set in plain torch (CPU, CUDA, and what the NPU set is checked against).
+    On CPU the matmul weights are repacked for oneDNN after loading."""
+
+    name = "torch"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, weight, eps)
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary(q, k, cos, sin)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(gate_up)
+
+    def packs_linear_weight(self, weight: torch.Tensor) -> bool:
+        return packs_linear_weight(weight)
+
+    def pack_linear_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
+        return pack_linear_weight(weight)

@@ -1,0 +1,203 @@
+"""The plain attention backend (CPU, CUDA, and the NPU backend's fallback): torch ops over the
+paged KV cache [num_blocks, block_size, kv_heads, head_dim], with a bounded working set.
+
+    backend.prepare(meta, cache, num_heads)      # once per step: host-side plan in meta.plan
+    out = backend.forward(q, k, v, kv, meta, scale)   # per layer: q [T, H, d] -> [T, H*d]
+
+Peak extra memory: a step's work is cut into pieces whose gathered keys/values (and their fp32
+copies) stay under budget = max(MIN_CHUNK_BYTES, CHUNK_FRACTION x the step's KV bytes in one
+layer). Decode rows go in row chunks; a row whose context alone exceeds the budget is read in
+key chunks with an online softmax. Prefill sequences are grouped under the same budget; a group
+of fresh prompts runs SDPA with is_causal and enable_gqa (no mask, so fused SDPA kernels can
+take it), a group continuing cached keys an explicit causal mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from internlm2_tp.attention.metadata import AttentionMetadata, ToDevice, plain_to_device
+
+MIN_CHUNK_BYTES = 32 << 20
+CHUNK_FRACTION = 1 / 20
+
+
+@dataclass
+class DecodeChunk:
+    r0: int               # decode rows [r0, r1)
+    r1: int
+    keys: int             # the longest context among them
+    step: int             # keys read per pass (== keys unless split)
+
+
+@dataclass
+class PrefillGroup:
+    s0: int               # sequences [s0, s1) of the step, tokens [t0, t1) of T
+    s1: int
+    t0: int
+    t1: int
+    q: int                # longest query, longest context in the group
+    k: int
+    fresh: bool           # no cached keys: query i sees keys <= i
+    tok_seq: torch.Tensor | None = None   # [t1 - t0] group row of each token (None: one row)
+    tok_pos: torch.Tensor | None = None   # [t1 - t0] its position among the row's queries
+
+
+@dataclass
+class TorchPlan:
+    decode: list[DecodeChunk] = field(default_factory=list)
+    prefill: list[PrefillGroup] = field(default_factory=list)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Store this step's keys/values [T, KVH, d] at their flat slots."""
+    kv_heads, d = k_cache.shape[-2:]
+    k_cache.view(-1, kv_heads, d).index_copy_(0, slots, k)
+    v_cache.view(-1, kv_heads, d).index_copy_(0, slots, v)
+
+
+def gather_kv(cache: torch.Tensor, tables: torch.Tensor, first: int, n: int) -> torch.Tensor:
+    """[B, KVH, n, d]: keys (or values) [first, first + n) of each sequence; `first` is a
+    multiple of the block size."""
+    b, (bs, kv_heads, d) = tables.shape[0], cache.shape[1:]
+    b0 = first // bs
+    nb = -(-n // bs)
+    flat = cache[tables[:, b0:b0 + nb]].view(b, nb * bs, kv_heads, d)[:, :n]
+    return flat.transpose(1, 2)
+
+
+class TorchAttention:
+    name = "torch"
+
+    def __init__(self, to_device: ToDevice = plain_to_device,
+                 min_chunk_bytes: int = MIN_CHUNK_BYTES, chunk_fraction: float = CHUNK_FRACTION):
+        self.to_device, self.min_bytes, self.fraction = to_device, min_chunk_bytes, chunk_fraction
+
+    def prepare(self, meta: AttentionMetadata, cache: torch.Tensor, num_heads: int) -> None:
+        meta.plan = self.plan(meta, cache, num_heads)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, scale: float
+                ) -> torch.Tensor:
+        write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        self.decode(q, kv, meta, meta.plan, scale, out)
+        self.prefill(q, kv, meta, meta.plan, scale, out)
+        return out
+
+    # -- planning (host only) ---------------------------------------------------------------------
+    def plan(self, meta: AttentionMetadata, cache: torch.Tensor, num_heads: int) -> TorchPlan:
+        _, bs, kvh, d = cache.shape
+        its = cache.element_size()
+        layer_kv = sum(meta.context_lens_host) * kvh * d * 2 * its
+        budget = max(self.min_bytes, int(self.fraction * layer_kv))
+        per_key = kvh * d * (2 * its + 2 * 4) + 2 * num_heads * 4   # k, v, fp32 copies, scores
+        nd, ctx = meta.num_decodes, meta.context_lens_host
+        plan = TorchPlan()
+        r0 = 0
+        while r0 < nd:
+            r1, top = r0 + 1, ctx[r0]
+            while r1 < nd and (r1 + 1 - r0) * max(top, ctx[r1]) * per_key <= budget:
+                top, r1 = max(top, ctx[r1]), r1 + 1
+            step = top if (r1 - r0) * top * per_key <= budget else \
+                max(bs, budget // per_key // bs * bs)
+            plan.decode.append(DecodeChunk(r0, r1, top, step))
+            r0 = r1
+        self._plan_prefill(meta, plan, budget, kvh * d * 2 * its, cache.device)
+        return plan
+
+    def _plan_prefill(self, meta: AttentionMetadata, plan: TorchPlan, budget: int,
+                      per_key: int, device: torch.device) -> None:
+        nd, b = meta.num_decodes, meta.num_seqs
+        ql, cl = meta.query_lens_host, meta.context_lens_host
+        s0, t0 = nd, nd
+        while s0 < b:
+            s1, top = s0 + 1, cl[s0]
+            while s1 < b and (s1 + 1 - s0) * max(top, cl[s1]) * per_key <= budget:
+                top, s1 = max(top, cl[s1]), s1 + 1
+            n = sum(ql[s0:s1])
+            g = PrefillGroup(s0, s1, t0, t0 + n, max(ql[s0:s1]), top,
+                             all(ql[i] == cl[i] for i in range(s0, s1)))
+            if s1 - s0 > 1:
+                seq = [i for i in range(s1 - s0) for _ in range(ql[s0 + i])]
+                pos = [p for i in range(s0, s1) for p in range(ql[i])]
+                g.tok_seq = self.to_device(torch.tensor(seq, dtype=torch.long), device)
+                g.tok_pos = self.to_device(torch.tensor(pos, dtype=torch.long), device)
+            plan.prefill.append(g)
+            s0, t0 = s1, t0 + n
+
+    # -- decode: one new token per row ------------------------------------------------------------
+    def decode(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+               meta: AttentionMetadata, plan: TorchPlan, scale: float, out: torch.Tensor) -> None:
+        """Rows [0, num_decodes) of q [T, H, d] -> out rows [T, H*d]. Query heads are grouped
+        under their KV head so cached keys are read once per group, with fp32 scores."""
+        for c in plan.decode:
+            n, (_, h, d) = c.r1 - c.r0, q.shape
+            tables, ctx = meta.block_tables[c.r0:c.r1], meta.context_lens[c.r0:c.r1]
+            kvh = kv[0].shape[2]
+            qg = q[c.r0:c.r1].float().view(n, kvh, h // kvh, d)                  # [n, KVH, g, d]
+            if c.step >= c.keys:
+                keys = gather_kv(kv[0], tables, 0, c.keys).float()               # [n, KVH, K, d]
+                scores = torch.matmul(qg, keys.transpose(-1, -2)) * scale       # [n, KVH, g, K]
+                valid = torch.arange(c.keys, device=q.device)[None, :] < ctx[:, None]
+                scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+                o = torch.matmul(scores.softmax(-1), gather_kv(kv[1], tables, 0, c.keys).float())
+            else:
+                o = self._decode_split(qg, kv, tables, ctx, c, scale)
+            out[c.r0:c.r1] = o.to(q.dtype).reshape(n, h * d)
+
+    @staticmethod
+    def _decode_split(qg: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                      tables: torch.Tensor, ctx: torch.Tensor, c: DecodeChunk, scale: float
+                      ) -> torch.Tensor:
+        """Online softmax over key chunks of c.step tokens: [n, KVH, g, d] fp32."""
+        top = torch.full(qg.shape[:-1] + (1,), float("-inf"), device=qg.device)
+        total = torch.zeros_like(top)
+        acc = torch.zeros_like(qg)
+        for j0 in range(0, c.keys, c.step):
+            n_keys = min(c.step, c.keys - j0)
+            keys = gather_kv(kv[0], tables, j0, n_keys).float()
+            s = torch.matmul(qg, keys.transpose(-1, -2)) * scale                # [n, KVH, g, k]
+            valid = j0 + torch.arange(n_keys, device=qg.device)[None, :] < ctx[:, None]
+            s.masked_fill_(~valid[:, None, None, :], float("-inf"))
+            new_top = torch.maximum(top, s.amax(-1, keepdim=True))  # finite: key 0 is valid
+            p, fix = torch.exp(s - new_top), torch.exp(top - new_top)
+            total = total * fix + p.sum(-1, keepdim=True)
+            acc = acc * fix + torch.matmul(p, gather_kv(kv[1], tables, j0, n_keys).float())
+            top = new_top
+        return acc / total
+
+    # -- prefill: several new tokens per sequence -------------------------------------------------
+    def prefill(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata, plan: TorchPlan, scale: float, out: torch.Tensor) -> None:
+        """Tokens of the prefilling sequences -> their out rows, group by group."""
+        h, hd = q.shape[1:]
+        for g in plan.prefill:
+            b = g.s1 - g.s0
+            tables = meta.block_tables[g.s0:g.s1]
+            if g.tok_seq is None:
+                qp = q[g.t0:g.t1].unsqueeze(0)                                   # [1, Q, H, d]
+            else:
+                qp = q.new_zeros(b, g.q, h, hd)
+                qp[g.tok_seq, g.tok_pos] = q[g.t0:g.t1]
+            keys = gather_kv(kv[0], tables, 0, g.k)                              # [B, KVH, K, d]
+            values = gather_kv(kv[1], tables, 0, g.k)
+            mask = None if g.fresh else self._mask(meta, g, q.device)
+            o = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, values, attn_mask=mask,
+                                               is_causal=g.fresh, scale=scale,
+                                               enable_gqa=True).transpose(1, 2)  # [B, Q, H, d]
+            o = o[0] if g.tok_seq is None else o[g.tok_seq, g.tok_pos]
+            out[g.t0:g.t1] = o.reshape(g.t1 - g.t0, h * hd)
+
+    @staticmethod
+    def _mask(meta: AttentionMetadata, g: PrefillGroup, device: torch.device) -> torch.Tensor:
+        """[B, 1, Q, K] True where query i of a sequence with n new and c visible keys may see
+        key j: j <= c - n + i and j < c. Padded queries see key 0 only (discarded, no NaN)."""
+        ql, cl = meta.query_lens[g.s0:g.s1], meta.context_lens[g.s0:g.s1]
+        qi = torch.arange(g.q, device=device)[None, :, None]                     # [1, Q, 1]
+        kj = torch.arange(g.k, device=device)[None, None, :]                     # [1, 1, K]
+        mask = (kj <= (cl - ql)[:, None, None] + qi) & (kj < cl[:, None, None])
+        return (mask | ((qi >= ql[:, None, None]) & (kj == 0)))[:, None]
