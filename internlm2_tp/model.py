@@ -185,6 +185,11 @@ class InternLM2Model(nn.Module):
         local = self.output(self.norm(h))                                      # [B, per_rank]
         return self.output.gather(local) if gather else local
 
+    def argmax(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """Greedy ids [B] from this rank's vocab shard (forward(gather=False)), the op set's
+        row reduction inside the shard."""
+        return self.output.argmax(local_logits, self.ops.row_max)
+
     # -- loading ------------------------------------------------------------------------------
     def _tasks(self, reader: CheckpointReader
                ) -> list[tuple[tuple[str, ...], nn.Module, Callable[[], None]]]:

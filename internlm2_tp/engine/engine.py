@@ -193,7 +193,7 @@ class Engine:
         self.steps += 1
         if logits is None:
             return []
-        tokens = (self.model.output.argmax(logits).cpu() if argmax_only
+        tokens = (self.model.argmax(logits).cpu() if argmax_only
                   else self._sample(logits, sampled)).tolist()
         done: list[Finished] = []
         now = time.perf_counter()

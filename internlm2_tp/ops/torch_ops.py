@@ -59,10 +59,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32 as the official model: normalize in fp32, cast back, then scale."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """RMSNorm in fp32 as the official model: normalize in fp32, cast back, then scale.
+    F.rms_norm without a weight does the first two in one call (upcast, mean of squares,
+    rsqrt, cast back: the same bits as spelling them out), the weight multiplies after."""
+    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
+
+
+def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, index of its first occurrence) of each row of x [B, V], as x.max(dim=-1), from
+    amax over blocks of up to 128 logits (the largest power of two dividing V): torch's
+    max(dim) over a long bf16/fp32 row runs several times slower than amax, and a vocab-sized
+    row per sampled token is the largest reduction of a decode step."""
+    b, v = x.shape
+    blk = min(128, v & -v)
+    if blk < 16 or v == blk or x.stride(-1) != 1:
+        return x.max(dim=-1)
+    blocks = x.view(b, v // blk, blk)
+    block_max = blocks.amax(-1)                                                  # [B, V/blk]
+    top = block_max.amax(-1, keepdim=True)                                       # [B, 1]
+    first = (block_max == top).to(torch.uint8).argmax(-1)                        # [B]
+    block = blocks[torch.arange(b, device=x.device), first]                      # [B, blk]
+    within = (block == top).to(torch.uint8).argmax(-1)
+    return top.squeeze(1), first * blk + within
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +116,9 @@ class TorchOps:
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(gate_up)
+
+    def row_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return row_max(x)
 
     def packs_linear_weight(self, weight: torch.Tensor) -> bool:
         return packs_linear_weight(weight)

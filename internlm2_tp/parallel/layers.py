@@ -7,7 +7,7 @@ collective explicitly.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,11 @@ from internlm2_tp.ops import TorchOps, linear
 from internlm2_tp.parallel.group import TPGroup
 
 CPU_OPS = TorchOps()   # layers built without a model (tests, tools) pack as the CPU does
+RowMax = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _max_last(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.max(dim=-1)
 
 
 class StagingPool:
@@ -265,16 +270,21 @@ class ParallelLMHead(VocabParallelEmbedding):
         full = self.tp.all_gather_last(local_logits.float())
         return full[:, : self.vocab]
 
-    def argmax(self, local_logits: torch.Tensor) -> torch.Tensor:  # [B, per_rank] -> [B] int64
+    def argmax(self, local_logits: torch.Tensor, row_max: RowMax | None = None
+               ) -> torch.Tensor:  # [B, per_rank] -> [B] int64
         """The full-vocab argmax (first occurrence, as torch.argmax of gather()) without
         gathering the vocab: each rank's best (value, global id), then an all-gather of 2 numbers
-        per row instead of per_rank (256 rows x 92544 x 4 B = 95 MB per step at any tp)."""
-        local = local_logits.float()
+        per row instead of per_rank (256 rows x 92544 x 4 B = 95 MB per step at any tp).
+        The max runs on the logits' own dtype: widening bf16 to fp32 is exact, so the winner
+        is the same, without a [B, per_rank] fp32 copy. `row_max` is the op set's (max, first
+        index) per row; None: torch's max(dim=-1)."""
         real = max(0, self.end - self.start)          # vocab padding never wins
-        if real < self.per_rank:
-            local = local.clone()
-            local[:, real:] = float("-inf")
-        vals, idx = local.max(dim=-1)                  # first occurrence inside the shard
+        if real == 0:                                 # a rank of padding only
+            vals = local_logits.new_full(local_logits.shape[:1], float("-inf"))
+            idx = torch.zeros(local_logits.shape[0], dtype=torch.long, device=vals.device)
+        else:
+            local = local_logits if real == self.per_rank else local_logits[:, :real]
+            vals, idx = (row_max or _max_last)(local)  # first occurrence inside the shard
         if self.tp.size == 1:
             return idx
         best = torch.stack([vals.double(), (idx + self.start).double()], dim=-1)  # [B, 2]
