@@ -41,8 +41,11 @@ class BenchConfig:
     checkpoint_dtype: str = "bfloat16"  # the benchmark checkpoint is stored as published
     block_size: int = 16
     seed: int = 0
+    repeats: int = 3                 # runs per size and engine (fresh prompts each); the fastest counts
 
     def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         unknown = sorted(set(self.peers) - {"job", "hf", "vllm"})
         if unknown:
             raise ValueError(f"peers: unknown {unknown}; choose from job, hf, vllm")

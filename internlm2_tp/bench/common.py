@@ -23,6 +23,13 @@ def process_peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def best_of(runs: list[dict]) -> dict:
+    """The fastest of a run's repeats (a burst of another process on a shared machine only
+    ever slows a run down), with every repeat's tok/s and which one it was."""
+    i = max(range(len(runs)), key=lambda j: runs[j]["tokens_per_s"])
+    return dict(runs[i], repeat=i, all_tokens_per_s=[r["tokens_per_s"] for r in runs])
+
+
 def make_prompts(n: int, lo: int, hi: int, shared_frac: float, prefix_len: int, vocab: int,
                  seed: int) -> list[list[int]]:
     """n token-id prompts of lengths in [lo, hi]; the first shared_frac of them start with the

@@ -44,7 +44,8 @@ def summarize(cfg: Any, suite: dict[str, Any]) -> dict[str, Any]:
     per_tok = shape.weight_flops_per_output_token()
     for engine, r in results.items():
         for conc, run in r["runs"].items():
-            b = run_bound(engine, run, sets[int(conc)], cfg, shape, machine)
+            b = run_bound(engine, run, sets[int(conc)][run.get("repeat", 0)], cfg, shape,
+                          machine)
             run["roofline"] = b
             run["roofline_fraction"] = run["tokens_per_s"] / b["bound_tokens_per_s"]
             run["weights_only_util"] = run["tokens_per_s"] * per_tok / (machine.matmul_peak_gflops * 1e9)

@@ -70,8 +70,11 @@ def run_suite(cfg: Any) -> dict[str, Any]:
     dtype = getattr(torch, cfg.dtype)
     shape = Shape.of(mc, dtype)
     concs = sorted(set(cfg.concurrency) | {cfg.rows})
-    sets = {c: make_prompts(c, cfg.min_prompt, cfg.max_prompt, cfg.shared_prefix_frac,
-                            cfg.prefix_len, mc.vocab_size, cfg.seed + c) for c in concs}
+    # `repeats` prompt sets per size, each new to every engine (no prefix-cache hits across
+    # runs); each engine reports its fastest repeat
+    sets = {c: [make_prompts(c, cfg.min_prompt, cfg.max_prompt, cfg.shared_prefix_frac,
+                             cfg.prefix_len, mc.vocab_size, cfg.seed + c + 7919 * r)
+                for r in range(cfg.repeats)] for c in concs}
     warm = make_prompts(4, cfg.min_prompt, cfg.max_prompt, 0, 0, mc.vocab_size, 999)
     base = {"new_tokens": cfg.new_tokens, "dtype": cfg.dtype, "warmup": warm, "sets": sets,
             "ckpt": ours_ckpt, "llama_ckpt": llama_ckpt, "out_dir": str(out.resolve()),
