@@ -33,20 +33,22 @@ def _rank(rank: int, args: dict, port: int, q: Any) -> None:
     w.run([Request(f"w{i}", p, params) for i, p in enumerate(args["warmup"])], 4)  # warm-up
     eng = w.engine
     assert eng is not None
+    counts = hasattr(eng, "work")   # an engine that counts its work (older ones: estimated)
     results = {}
     for conc, repeats in args["sets"].items():  # fresh prompts per run: no cross-run cache hits
         runs = []
         for rows in repeats:
             reqs = [Request(i, p, params) for i, p in enumerate(rows)]
-            work0 = replace(eng.work)
+            work0 = replace(eng.work) if counts else None
             t = time.perf_counter()
             done, stats = w.run(reqs, len(reqs))   # return when every row is done
             el = time.perf_counter() - t
             toks = sum(len(f.output_ids) for f in done) if rank == 0 else 0
             runs.append({"tokens_per_s": toks / el, "wall_s": el, "tokens": toks,
                          "ttft_s": sum(f.ttft_s for f in done) / len(done) if rank == 0 else 0,
-                         "steps": stats["steps"], "preemptions": stats["preemptions"],
-                         "work": asdict(eng.work.minus(work0))})
+                         "steps": stats["steps"], "preemptions": stats["preemptions"]})
+            if work0 is not None:
+                runs[-1]["work"] = asdict(eng.work.minus(work0))
         results[conc] = best_of(runs)
     w.shutdown()
     q.put((rank, {"load_s": load_s, "setup_s": setup_s, "peak_rss_mb": peak_rss_mb(),
