@@ -145,7 +145,7 @@ class InternLM2Model(nn.Module):
         self.layers = nn.ModuleList(InternLM2Layer(cfg, tp, dtype, device, ops, backend)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops)
-        self.output = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        self.output = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device, ops)
         self.rotary = RotaryEmbedding(cfg, device, dtype)
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from internlm2_tp.ops import apply_rotary, rms_norm, row_max
+from internlm2_tp.ops import apply_rotary, head_by_weight, lm_head, rms_norm, row_max
 from internlm2_tp.ops.torch_ops import rotate_half
 
 
@@ -48,3 +48,20 @@ def test_rotary_is_rotate_half():
     rq, rk = apply_rotary(q, k, cos, sin)
     assert torch.equal(rq, q * cos[:, None] + rotate_half(q) * sin[:, None])
     assert torch.equal(rk, k * cos[:, None] + rotate_half(k) * sin[:, None])
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_lm_head_view_and_its_row_max(rows):
+    """bf16 on CPU: the logits are a [B, V] view of weight @ x^T, equal to F.linear's within
+    one bf16 rounding, and row_max reads that column-major layout as it is."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(4096, 64, generator=g).bfloat16()
+    x = torch.randn(rows, 64, generator=g).bfloat16()
+    logits = lm_head(x, w)
+    assert head_by_weight(w) and logits.shape == (rows, 4096) and logits.stride(0) == 1
+    ref = torch.nn.functional.linear(x.float(), w.float())
+    torch.testing.assert_close(logits.float(), ref, rtol=1e-2, atol=0.1)
+    logits[0, 5] = logits[0, 4000] = 1000.0          # a tie across blocks: the first wins
+    got, want = row_max(logits), logits.contiguous().max(dim=-1)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not head_by_weight(w.float())             # fp32 keeps the packed path

@@ -37,6 +37,13 @@ class NpuOps:
     def row_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x.max(dim=-1)
 
+    def packs_head_weight(self, weight: torch.Tensor) -> bool:
+        return False
+
+    def lm_head(self, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None
+                ) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight)
+
     def packs_linear_weight(self, weight: torch.Tensor) -> bool:
         return False
 

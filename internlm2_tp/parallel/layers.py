@@ -73,18 +73,23 @@ class ShardedLinear(nn.Module):
         self.weight.data[rows].copy_(block)
         self.parts_loaded.add(part)
 
+    def packs(self, ops: Any, weight: torch.Tensor) -> bool:
+        """Whether pack() re-lays this weight out under `ops`."""
+        return self.packable and ops.packs_linear_weight(weight)
+
     def stage(self, pool: StagingPool, ops: Any = CPU_OPS) -> None:
         """Before the first part loads: take the dense weight from `pool` when pack() will
         re-lay it out (it is only a staging area then)."""
         w = self.weight.data
-        if self.packable and not self.parts_loaded and w.numel() and ops.packs_linear_weight(w):
+        if not self.parts_loaded and w.numel() and self.packs(ops, w):
             self.weight.data = pool.take(w.shape, w.dtype, w.device)
 
     def pack(self, pool: StagingPool | None = None, ops: Any = CPU_OPS) -> None:
         """After loading, where the op set repacks matmul weights (CPU: oneDNN's layout, faster
         matmuls, no second copy in memory): keep only the packed copy and hand the dense memory
         back to `pool`. A no-op elsewhere."""
-        packed = ops.pack_linear_weight(self.weight.data) if self.packable else None
+        packed = ops.pack_linear_weight(self.weight.data) if self.packs(ops, self.weight.data) \
+            else None
         if packed is not None:
             self.packed = packed
             if pool is not None:
@@ -258,16 +263,26 @@ class VocabParallelEmbedding(ShardedLinear):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """The output head, column-parallel over the vocab. forward() gives this rank's logits
-    shard [B, per_rank]; `gather()` is the explicit all-gather to full-vocab fp32 logits."""
+    shard [B, per_rank] (the op set's lm_head: on CPU in bf16 a column-major view);
+    `gather()` is the explicit all-gather to full-vocab fp32 logits."""
 
     keep_checkpoint_dtype = False   # a matmul weight: kept in the run's dtype
     packable = True
 
+    def __init__(self, vocab: int, hidden: int, tp: TPGroup, dtype: torch.dtype,
+                 device: torch.device, ops: Any = CPU_OPS):
+        super().__init__(vocab, hidden, tp, dtype, device)
+        self.ops = ops
+
+    def packs(self, ops: Any, weight: torch.Tensor) -> bool:
+        return ops.packs_head_weight(weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, per_rank]
-        return linear(x, self.weight, self.packed)
+        return self.ops.lm_head(x, self.weight, self.packed)
 
     def gather(self, local_logits: torch.Tensor) -> torch.Tensor:  # -> [B, vocab] float32
-        full = self.tp.all_gather_last(local_logits.float())
+        local = local_logits.to(torch.float32, memory_format=torch.contiguous_format)
+        full = self.tp.all_gather_last(local)
         return full[:, : self.vocab]
 
     def argmax(self, local_logits: torch.Tensor, row_max: RowMax | None = None
