@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from internlm2_tp.attention import AttentionMetadata
-from internlm2_tp.engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_token
+from internlm2_tp.engine.kv_cache import (BlockManager, allocate_kv_caches, kv_bytes_per_token,
+                                          zero_new_blocks)
 from internlm2_tp.engine.sampler import BatchSamplingState, SamplingParams, sample
 from internlm2_tp.engine.scheduler import Scheduler, SchedulerConfig
 from internlm2_tp.engine.sequence import Sequence
@@ -116,6 +117,7 @@ class Engine:
         self.kv_caches = allocate_kv_caches(mc.num_hidden_layers, self.facts.num_blocks,
                                             cfg.block_size, model.kv_heads_local, mc.head_dim,
                                             model.dtype, model.device)
+        self._zeroed = 0                # cache blocks [0, _zeroed) are initialized
         self._next_id = 0
         self.steps = 0
         self.tokens_generated = 0
@@ -182,6 +184,8 @@ class Engine:
         if not step.seqs:
             return []
         input_ids, meta, sampled = self._metadata(step)
+        zero_new_blocks(self.kv_caches, self._zeroed, self.blocks.high_water)
+        self._zeroed = max(self._zeroed, self.blocks.high_water)
         # Greedy rows without penalties need only the argmax: no vocab-wide gather across ranks.
         argmax_only = all(s.params.greedy and s.params.repetition_penalty == 1 for s in sampled)
         # Run even when no sequence samples (all mid-prefill chunks): the cache must be filled.
