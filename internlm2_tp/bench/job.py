@@ -58,8 +58,8 @@ def _one(mod: Any, args: dict, rows: list[list[int]], d: Path) -> dict:
     t0 = time.perf_counter()
     job = Job(cfg)
     pool = mod.make_ray_pool(cfg)
-    marks: dict[str, Any] = {}
-    start, shutdown = pool.start, pool.shutdown
+    marks: dict[str, Any] = {"busy_s": 0.0}
+    start, shutdown, wait = pool.start, pool.shutdown, pool.wait
 
     def timed_start() -> list[dict]:
         facts = start()
@@ -71,7 +71,12 @@ def _one(mod: Any, args: dict, rows: list[list[int]], d: Path) -> dict:
         marks.setdefault("worker_rss", process_peak_rss_mb(marks["facts"]["pid"]))
         shutdown()
 
-    pool.start, pool.shutdown = timed_start, timed_shutdown
+    def timed_wait() -> tuple[int, Any, dict]:
+        g, result, stats = wait()
+        marks["busy_s"] += stats.get("busy_s", 0.0)   # the engine's own time in the run
+        return g, result, stats
+
+    pool.start, pool.shutdown, pool.wait = timed_start, timed_shutdown, timed_wait
     try:
         manifest = job.run(pool)
     finally:
@@ -80,7 +85,8 @@ def _one(mod: Any, args: dict, rows: list[list[int]], d: Path) -> dict:
     toks = manifest["completion_tokens"]
     assert manifest["errors"] == 0 and manifest["rows_this_run"] == len(rows), manifest
     return {"tokens_per_s": toks / el, "wall_s": el, "tokens": toks, "ttft_s": None,
-            "start_s": marks["ready"] - t0, "load_s": marks["facts"]["load_s"],
+            "engine_busy_s": marks["busy_s"], "start_s": marks["ready"] - t0,
+            "load_s": marks["facts"]["load_s"],
             "worker_peak_rss_mb": marks["worker_rss"]}
 
 
