@@ -30,6 +30,11 @@ from internlm2_tp.runtime.worker import Worker, WorkerSpec, digest
 log = logging.getLogger(__name__)
 
 
+# Ray starts worker processes at nice 15 (its worker_niceness), so a rank would yield its cores
+# to every other process on the node, the job's own driver included: ranks run at nice 0.
+RANK_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+
+
 class GroupFailed(RuntimeError):
     """A rank of a group died, failed or hung; the group must be rebuilt."""
 
@@ -88,7 +93,8 @@ class RayGroup:
                               f"on one node within parallel.timeout_s={self.timeout_s:.0f}s "
                               f"(cluster resources: {ray.cluster_resources()})")
         self.actors = [
-            RankActor.options(**opts, max_restarts=0, scheduling_strategy=
+            RankActor.options(**opts, max_restarts=0, runtime_env=RANK_RUNTIME_ENV,
+                              scheduling_strategy=
                               PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)
                               ).remote(replace(self.base, rank=r))
             for r in range(self.base.tp)]
