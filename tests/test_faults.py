@@ -261,3 +261,32 @@ def test_hung_rank_fails_the_job_within_timeout(ray_gcs, ckpt, data, reference, 
     finish(start_job(args))
     assert {k: r["completion_token_ids"] for k, r in read_out(out).items()} == reference
     assert alive(cluster_rank_actors(ray_gcs)) == []
+
+
+def test_sigterm_to_torchrun_mid_run(ckpt, data, tmp_path):
+    """SIGTERM to torchrun (what Slurm and Kubernetes send its main process): torchrun passes it
+    to the ranks; rank 0 flushes whole shards and reports it, and every process of the job is
+    gone within 20 s (torchrun itself exits 1, its own verdict on a signalled worker)."""
+    import subprocess
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         str(ROOT / "launch" / "torchrun_infer.py"), *job_args(ckpt, data, out, *FAST)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+    try:
+        wait_for_parts(out, 2, proc)
+        tree = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        log, _ = proc.communicate(timeout=120)
+        wall = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(f"SIGTERM to torchrun mid-run: exit {proc.returncode} {wall:.1f}s after")
+    assert "terminated (SIGTERM): finished rows are saved" in log, log[-3000:]
+    assert wall < 20 and len(tree) >= 2 and alive(tree) == [] and in_group(proc.pid) == []
+    assert_whole_shards(out, ROWS)
+    read_out(out)
