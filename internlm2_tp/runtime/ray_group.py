@@ -41,9 +41,9 @@ class PlacementTimeout(GroupFailed):
     """Ray did not place the group within parallel.timeout_s: retrying would wait again."""
 
 
-def get(refs: Any, timeout_s: float, tick: Any = None) -> Any:
+def get(refs: Any, timeout_s: float) -> Any:
     """ray.get with the wait done in short slices (signals act), bounded by `timeout_s`."""
-    if not wait_all(refs if isinstance(refs, list) else [refs], timeout_s, tick):
+    if not wait_all(refs if isinstance(refs, list) else [refs], timeout_s):
         raise ray.exceptions.GetTimeoutError(f"not ready within {timeout_s:g}s")
     return ray.get(refs)
 
@@ -106,9 +106,9 @@ class RayGroup:
         self.pg = placement_group(bundles, strategy="STRICT_PACK", name="")
         if not await_placement(self.pg, bundles, what, self.timeout_s):
             self.kill()
-            raise PlacementTimeout(f"{what}: Ray could not place {shape(bundles)}, within "
-                                   f"parallel.timeout_s={self.timeout_s:g}s: other work holds "
-                                   "those resources")
+            raise PlacementTimeout(f"{what} not placed within parallel.timeout_s="
+                                   f"{self.timeout_s:g}s: other work holds what it needs ("
+                                   f"{shape(bundles)})")
         log.info("%s placed: starting %d rank(s)", what, self.base.tp)
         self.actors = [
             RankActor.options(**opts, max_restarts=0, scheduling_strategy=
