@@ -1,5 +1,6 @@
 """What every entry point does with errors: a one-line message naming the culprit, no traceback,
-distinct exit codes (2: bad input, config or checkpoint; 1: the job failed; 130: interrupted by
+distinct exit codes (2: bad input, config or checkpoint, or a Ray cluster that cannot be used:
+gone, refusing, or too small for a group; 1: the job failed; 130: interrupted by
 Ctrl-C; 143: SIGTERM). In every case finished rows are already in whole shards: rerun to resume."""
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from internlm2_tp.job_config import JobConfigError
     from internlm2_tp.runtime.io import InputError
     from internlm2_tp.runtime.output import OutputDirError
+    from internlm2_tp.runtime.ray_cluster import ClusterError
     from internlm2_tp.tokenizer import TokenizerError
 
     return (CheckpointError, ConfigError, JobConfigError, InputError, OutputDirError,
-            TokenizerError, FileNotFoundError)
+            TokenizerError, FileNotFoundError, ClusterError)
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

@@ -115,10 +115,13 @@ class RaySection:
     max_group_restarts: int = 3           # rebuilds of a dead tensor-parallel group before failing
     cpus_per_worker: float = 0.0        # 0: cpu ranks share the cores; 1 on devices
     inflight_per_group: int = 0           # rows queued per group; 0: 2 x engine.max_num_seqs
+    connect_timeout_s: float = 30.0       # an existing cluster must answer within this
 
     def __post_init__(self) -> None:
         if self.max_group_restarts < 0:
             raise JobConfigError("ray.max_group_restarts must be >= 0")
+        if self.connect_timeout_s <= 0:
+            raise JobConfigError(f"ray.connect_timeout_s must be > 0, got {self.connect_timeout_s}")
         # A negative queue would feed no group at all: the job would "finish" with no row done.
         for name in ("cpus_per_worker", "inflight_per_group"):
             if getattr(self, name) < 0:

@@ -9,7 +9,6 @@ With no model.path it runs the embedded demo (a tiny random-weight checkpoint, C
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -43,43 +42,36 @@ def main(argv: list[str]) -> int:
             extra.append("parallel.device=cpu")
         cfg = load_job_config(ROOT / "conf" / "batch_infer.yaml", overrides + extra)
     job = Job(cfg)   # every cheap check (config, checkpoint, input, output dir) before Ray starts
-    import ray
+    from internlm2_tp.runtime.ray_cluster import disconnect
 
     try:
         pool = make_ray_pool(cfg)
         manifest = job.run(pool)   # shuts the pool down (kills every actor) however it ends
     finally:
-        ray.shutdown()
+        disconnect()   # and stops a cluster the job started itself
     print_summary(manifest, Path(cfg.data.output))
     return 0
 
 
 def make_ray_pool(cfg):
-    import ray
-
+    """Join the job's cluster (ray_cluster.find_cluster says which) and size its groups."""
     from internlm2_tp.parallel.platform import PLATFORMS
-    from internlm2_tp.runtime.ray_pool import RayPool, cluster_device
+    from internlm2_tp.runtime.ray_cluster import connect
+    from internlm2_tp.runtime.ray_pool import RayPool, cluster_device, rank_cpus
     from internlm2_tp.runtime.worker import WorkerSpec
 
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    if address in (None, "local"):
-        # None: a cluster `ray start`ed on this machine, else a new local one; "local": always a
-        # new one, stopped with the job. Either way its workers import this checkout.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}})
-    else:
-        ray.init(address=address, logging_level=logging.WARNING)
+    # A cluster on this machine (a new one, or one `ray start`ed here): its workers import
+    # this checkout.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    connect(cfg.ray.address, cfg.ray.connect_timeout_s,
+            runtime_env={"env_vars": {"PYTHONPATH": path}})
     device = cluster_device(cfg.parallel.device)
-    ranks = cfg.parallel.tp * cfg.parallel.replicas
-    cpus = cfg.ray.cpus_per_worker or (
-        max(1, int(ray.cluster_resources().get("CPU", 1)) // ranks) if device == "cpu" else 1)
+    cpus = rank_cpus(device, cfg.parallel.tp, cfg.parallel.replicas, cfg.ray.cpus_per_worker)
     spec = WorkerSpec(model_path=str(Path(cfg.model.path).resolve()), dtype=cfg.model.dtype,
                       device=device, tp=cfg.parallel.tp, rank=0, master_addr="127.0.0.1",
                       master_port=0, engine=cfg.engine, timeout_s=cfg.parallel.timeout_s,
                       env=PLATFORMS[device]().job_env(cfg.parallel),
-                      threads=int(cpus) if device == "cpu" else 0,
+                      threads=max(1, int(cpus)) if device == "cpu" else 0,
                       need_tokenizer=bool(cfg.generation.stop))
     return RayPool(spec, cfg.parallel.replicas, device, float(cpus), cfg.parallel.timeout_s,
                    start_retries=cfg.ray.max_group_restarts)

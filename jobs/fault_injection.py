@@ -75,7 +75,8 @@ class Run:
     """One driver process; a thread follows its log for the ranks' pids."""
 
     def __init__(self, args: list[str], log_path: Path):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
+        # The cluster's authentication as this process has it (RAY_AUTH_MODE, the token).
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "batch_infer.py"), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -166,7 +167,10 @@ def main(argv: list[str]) -> int:
     if not address:  # a private cluster for this experiment, gone when this process exits
         import ray
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        ray.init(include_dashboard=False, logging_level="WARNING")
+        # Ray's defaults: token auth on (it sets RAY_AUTH_MODE=token here, which the drivers
+        # inherit, and creates ~/.ray/auth_token if missing), since Ray binds the cluster to the
+        # host's network address. "local": never some other cluster `ray start`ed here.
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
         address = ray.get_runtime_context().gcs_address
     common = [*job_overrides(s, model, data), f"ray.address={address}", *extra]
     report: dict = {"settings": asdict(s), "extra": extra, "events": [], "runs": []}

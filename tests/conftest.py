@@ -8,6 +8,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The suite's own Ray clusters run without token auth (private, stopped with the session), and an
+# in-process `ray.init()` must not create a token in the shared ~/.ray. Tests of Ray's defaults
+# (tests/test_cluster.py) build their environment without it, in a private HOME.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
