@@ -221,7 +221,7 @@ def row_run(ckpt, tmp_path_factory) -> tuple[int, dict]:
                     job_args(ckpt, tmp / "rows.parquet", out, "engine.max_model_len=256",
                              "data.shard_rows=5"))
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("part-")) == \
-        ["_manifest.json", "job.json"]   # and no temp file
+        ["_job.json", "_manifest.json"]   # and no temp file
     return rc, read_out(out)             # read_out: every id at most once
 
 

@@ -10,6 +10,7 @@ from _parquet import COLS, MSG_TYPE, all_rows, write
 from internlm2_tp.runtime.io import (
     InputColumns,
     InputError,
+    InputFile,
     InputPlan,
     InputRow,
     plan_input,
@@ -17,21 +18,31 @@ from internlm2_tp.runtime.io import (
 )
 
 # ---------------------------------------------------------------- resolving inputs
+def files(spec: str, fmt: str = "auto") -> list[Path]:
+    return [Path(f.path) for f in resolve_input_files(spec, fmt)[1]]
+
+
 def test_single_file_directory_and_glob(tmp_path: Path) -> None:
     a = write(tmp_path / "d" / "b.parquet", {"prompt": ["x"]})
     b = write(tmp_path / "d" / "sub" / "a.parquet", {"prompt": ["y"]})
     write(tmp_path / "d" / ".hidden.parquet", {"prompt": ["z"]})
+    write(tmp_path / "d" / "_tmp" / "c.parquet", {"prompt": ["z"]})
     (tmp_path / "d" / "notes.txt").write_text("ignored")
-    assert resolve_input_files(str(a)) == [a]
-    assert resolve_input_files(str(tmp_path / "d")) == sorted([a, b], key=str)
-    assert resolve_input_files(str(tmp_path / "d" / "**" / "*.parquet")) == sorted([a, b], key=str)
-    assert resolve_input_files(str(tmp_path / "d" / "b*.parquet")) == [a]
+    (tmp_path / "d" / "_SUCCESS").write_text("")
+    assert files(str(a)) == [a]
+    assert files(f"file://{a}") == [a]
+    assert files(str(tmp_path / "d")) == sorted([a, b], key=str)
+    c = tmp_path / "d" / "_tmp" / "c.parquet"   # a glob names it (glob's rules), a directory skips it
+    assert files(str(tmp_path / "d" / "**" / "*.parquet")) == sorted([a, b, c], key=str)
+    assert files(str(tmp_path / "d" / "b*.parquet")) == [a]
+    # notes.txt and _SUCCESS are no data files; folders a glob names are read whole
+    assert files(str(tmp_path / "d" / "*")) == sorted([a, b, c], key=str)
 
 
 @pytest.mark.parametrize("spec", ["missing.parquet", "nomatch-*.parquet", "emptydir"])
 def test_no_files_match(tmp_path: Path, spec: str) -> None:
     (tmp_path / "emptydir").mkdir()
-    with pytest.raises(InputError, match="no such file|no Parquet files match"):
+    with pytest.raises(InputError, match="no such file|no input files match"):
         plan_input(str(tmp_path / spec), COLS)
 
 
@@ -144,8 +155,10 @@ def test_dataclass_validation() -> None:
         InputPlan(files=[], num_rows=0, id_type=pa.int64(), has_id_column=False,
                   present_prompt_columns=["prompt"], override_columns=[])
     with pytest.raises(ValueError, match="unknown override"):
-        InputPlan(files=[Path("a")], num_rows=0, id_type=pa.int64(), has_id_column=False,
-                  present_prompt_columns=["prompt"], override_columns=["beam"])
+        InputPlan(files=[InputFile("a", "a", "parquet")], num_rows=0, id_type=pa.int64(),
+                  has_id_column=False, present_prompt_columns=["prompt"], override_columns=["beam"])
+    with pytest.raises(ValueError, match="format"):
+        InputFile("a", "a", "csv")
 
 
 @pytest.mark.parametrize("spec,out,reads", [
@@ -159,9 +172,10 @@ def test_would_read_output_shards_back(tmp_path: Path, monkeypatch: pytest.Monke
     """Whether a shard written to `out` would be input to the rerun (an output directory
     inside the input is refused for that); `in/*` globs `in/_out` itself, then all below it."""
     from internlm2_tp.runtime.io import would_read
+    from internlm2_tp.runtime.storage import resolve
     write(tmp_path / "in" / "p.parquet", {"prompt": ["x"]})
     monkeypatch.chdir(tmp_path)
     shard = Path(out) / "part-x-00000.parquet"
-    assert would_read(spec, shard) is reads
+    assert would_read(spec, resolve(str(shard), "data.output")) is reads
     write(tmp_path / shard, {"id": [1]})   # and it is what resolving the input then does
-    assert ((tmp_path / shard).resolve() in [f.resolve() for f in resolve_input_files(spec)]) is reads
+    assert ((tmp_path / shard).resolve() in [f.resolve() for f in files(spec)]) is reads

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from internlm2_tp.runtime import output as out_mod
+from internlm2_tp.runtime import storage as storage_mod
 from internlm2_tp.runtime.output import (
     OutputDirError,
     OutputRow,
@@ -80,7 +80,7 @@ def test_writer_shards_and_roundtrip(tmp_path: Path) -> None:
     w.add(OutputRow(id=7, completion="", completion_token_ids=[], prompt_tokens=0, completion_tokens=0,
                     finish_reason="error", error="row id 7: column 'prompt' is an empty string"))
     w.close()
-    assert w.rows_written == 8 and len(parts(d)) == 3 and w.files == parts(d)
+    assert w.rows_written == 8 and len(parts(d)) == 3 and w.files == [p.name for p in parts(d)]
     t = pq.read_table(parts(d)[2])
     assert t.schema.equals(output_schema(pa.int64()))
     assert t.column("error").to_pylist() == [None, "row id 7: column 'prompt' is an empty string"]
@@ -126,7 +126,7 @@ def test_failed_rename_leaves_no_part_and_no_temp(tmp_path: Path, monkeypatch: p
     def boom(a: object, b: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(out_mod.os, "replace", boom)
+    monkeypatch.setattr(storage_mod.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         w.flush()
     assert list(tmp_path.iterdir()) == []
@@ -157,7 +157,7 @@ def test_sigkill_between_write_and_rename_leaves_only_temp(tmp_path: Path) -> No
     names = sorted(p.name for p in d.iterdir())
     assert parts(d) == [] and len(names) == 2 and names[0].startswith(".part-") and names[0].endswith(".tmp")
     assert prepare_output_dir(d, FP, overwrite=False) is None  # stale temp removed, nothing done
-    assert sorted(p.name for p in d.iterdir()) == ["job.json"]
+    assert sorted(p.name for p in d.iterdir()) == ["_job.json"]
 
 
 def test_sigkill_mid_stream_keeps_complete_shards(tmp_path: Path) -> None:
@@ -189,7 +189,7 @@ def test_sigkill_mid_stream_keeps_complete_shards(tmp_path: Path) -> None:
 def test_resume_fingerprint_and_overwrite(tmp_path: Path) -> None:
     d = tmp_path / "out"
     assert prepare_output_dir(d, FP, overwrite=False) is None
-    assert json.loads((d / "job.json").read_text())["fingerprint"] == FP
+    assert json.loads((d / "_job.json").read_text())["fingerprint"] == FP
     with ShardWriter(d, pa.int64(), shard_rows=2) as w:
         for i in range(5):
             w.add(ok(i))
@@ -203,13 +203,13 @@ def test_resume_fingerprint_and_overwrite(tmp_path: Path) -> None:
         prepare_output_dir(d, other, overwrite=False)
     assert len(parts(d)) == 3  # nothing deleted on refusal
     assert prepare_output_dir(d, other, overwrite=True) is None
-    assert parts(d) == [] and json.loads((d / "job.json").read_text())["fingerprint"] == other
+    assert parts(d) == [] and json.loads((d / "_job.json").read_text())["fingerprint"] == other
 
 
 def test_parts_without_job_file_are_refused(tmp_path: Path) -> None:
     with ShardWriter(tmp_path, pa.int64()) as w:
         w.add(ok(1))
-    with pytest.raises(OutputDirError, match="without job.json"):
+    with pytest.raises(OutputDirError, match="without _job.json"):
         prepare_output_dir(tmp_path, FP, overwrite=False)
     assert prepare_output_dir(tmp_path, FP, overwrite=True) is None
 
@@ -220,7 +220,7 @@ def test_foreign_files_refused_even_with_overwrite(tmp_path: Path) -> None:
     for overwrite in (False, True):
         with pytest.raises(OutputDirError, match=r"did not write: \['notes.txt', 'sub'\]"):
             prepare_output_dir(tmp_path, FP, overwrite=overwrite)
-    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "job.json").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "_job.json").exists()
     f = tmp_path / "file"
     f.write_text("")
     with pytest.raises(OutputDirError, match="not a directory"):
