@@ -258,3 +258,97 @@ def test_fingerprint_diff() -> None:
     assert fingerprint_diff({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}, "d": 0}) == ["b.c", "d"]
     with pytest.raises(TypeError, match="JSON"):
         prepare_output_dir(Path("/nonexistent-never-created"), {"x": {1, 2}}, overwrite=False)
+
+
+# ---------------------------------------------------------------- carried columns, old layouts, readers
+CARRY = pa.schema([("lang", pa.string()), ("meta", pa.struct([("k", pa.int16()), ("v", pa.list_(pa.string()))]))])
+
+
+def carry(i: int) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([{"lang": f"l{i}", "meta": {"k": i, "v": ["x"] * i}}], schema=CARRY)
+
+
+def write_output(d: Path | str, n: int = 10, shard_rows: int = 4) -> None:
+    prepare_output_dir(d, FP, overwrite=False)
+    with ShardWriter(d, pa.int64(), shard_rows=shard_rows, carry=CARRY) as w:
+        for i in range(n):
+            w.add(ok(i), carry(i))
+    write_manifest(d, {"rows": n})
+
+
+def test_carried_columns_follow_our_columns(tmp_path: Path) -> None:
+    write_output(tmp_path)
+    t = pq.read_table(parts(tmp_path)[1])
+    assert t.schema.equals(output_schema(pa.int64(), CARRY)) and t.schema.names[-2:] == ["lang", "meta"]
+    assert t.select(["id", "lang", "meta"]).to_pylist()[0] == {"id": 4, "lang": "l4", "meta": {"k": 4, "v": ["x"] * 4}}
+    w = ShardWriter(tmp_path, pa.int64(), carry=CARRY)
+    with pytest.raises(ValueError, match="carried columns must be one row of"):
+        w.add(ok(50))
+    with pytest.raises(ValueError, match="carried columns must be one row of"):
+        w.add(ok(50), pa.RecordBatch.from_pylist([{"lang": "x"}]))
+    with pytest.raises(ValueError, match="clash"):
+        output_schema(pa.int64(), pa.schema([("completion", pa.string())]))
+
+
+def test_old_job_json_still_resumes_and_is_renamed(tmp_path: Path) -> None:
+    """A directory written before _job.json (job.json beside the shards) resumes; the file is
+    renamed so that the directory opens as a dataset. Another job's old directory is refused
+    and left as it was."""
+    with ShardWriter(tmp_path, pa.int64(), shard_rows=2, run_id="old") as w:
+        for i in range(3):
+            w.add(ok(i))
+    old = {"format": "internlm2_tp.output/1", "fingerprint": FP, "created_at": "2026-01-01T00:00:00+0000"}
+    (tmp_path / "job.json").write_text(json.dumps(old))
+    with pytest.raises(OutputDirError, match=r"fingerprint keys differ: \['extra'\]"):
+        prepare_output_dir(tmp_path, {**FP, "extra": 1}, overwrite=False)
+    assert (tmp_path / "job.json").exists() and not (tmp_path / "_job.json").exists()
+    assert sorted(prepare_output_dir(tmp_path, FP, overwrite=False).to_pylist()) == [0, 1, 2]
+    assert json.loads((tmp_path / "_job.json").read_text()) == old and not (tmp_path / "job.json").exists()
+    assert pq.read_table(tmp_path).num_rows == 3
+
+
+def test_output_opens_as_one_dataset_in_every_reader(tmp_path: Path, ray_gcs: str) -> None:
+    """The one-liners a user tries first: each reader skips _job.json, _manifest.json and a
+    leftover temp file, and sees every row once with the carried columns."""
+    import duckdb
+    import pandas
+    import polars
+
+    out = tmp_path / "out"
+    write_output(out)
+    (out / ".part-x-00000.parquet.0a1b2c.tmp").write_bytes(b"half a shard")
+    want = list(range(10))
+    assert sorted(pq.read_table(out).column("id").to_pylist()) == want
+    df = pandas.read_parquet(out)
+    assert sorted(df["id"]) == want and list(df.columns) == output_schema(pa.int64(), CARRY).names
+    assert sorted(polars.read_parquet(f"{out}/*.parquet")["id"].to_list()) == want
+    assert sorted(r[0] for r in duckdb.sql(f"select id from read_parquet('{out}/*.parquet')").fetchall()) == want
+    code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "import ray.data; ds = ray.data.read_parquet(sys.argv[2]); "
+            "print(sorted(r['id'] for r in ds.take_all()), ds.schema().names)")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    p = subprocess.run([sys.executable, "-c", code, ray_gcs, str(out)], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == f"{want} {output_schema(pa.int64(), CARRY).names}"
+
+
+def test_object_store_output_dir(s3) -> None:
+    """The same directory protocol on S3: shards appear whole, a stale temp object goes at the
+    next start, resume reads the listing, pyarrow reads the prefix as one dataset."""
+    out = s3.uri("out")
+    write_output(out, n=7, shard_rows=3)
+    s3.put("out/.part-r-00009.parquet.abc123.tmp", b"half")
+    names = s3.names("out")
+    assert names[:3] == [".part-r-00009.parquet.abc123.tmp", "_job.json", "_manifest.json"]
+    assert len([n for n in names if n.startswith("part-")]) == 3 and len(names) == 6
+    assert sorted(prepare_output_dir(out, FP, overwrite=False).to_pylist()) == list(range(7))
+    assert ".part-r-00009.parquet.abc123.tmp" not in s3.names("out") and "_manifest.json" not in s3.names("out")
+    loc = s3.loc("out")
+    t = pq.read_table(loc.path, filesystem=loc.fs)
+    assert sorted(t.column("id").to_pylist()) == list(range(7)) and t.schema.names[-2:] == ["lang", "meta"]
+    with pytest.raises(OutputDirError, match=r"fingerprint keys differ: \['extra'\]"):
+        prepare_output_dir(out, {**FP, "extra": 1}, overwrite=False)
+    s3.put("out/notes.txt", b"mine")
+    with pytest.raises(OutputDirError, match=r"did not write: \['notes.txt'\]"):
+        prepare_output_dir(out, FP, overwrite=True)

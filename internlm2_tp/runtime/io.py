@@ -110,8 +110,10 @@ def _carry_schema(carry: list[str] | None, files: list[InputFile], facts: list[F
             raise InputError(f"{f}: carried column {missing[0]!r} (data.carry_columns) is missing; "
                              f"columns found: {list(x.fields)}")
         for n in names:
-            if f.format == "json":
-                types[n] = jsonl.unify(types.get(n), x.fields[n], f"column {n!r} of {f}")
+            if n not in types:
+                types[n] = x.fields[n]
+            elif f.format == "json":
+                types[n] = jsonl.unify(types[n], x.fields[n], f"column {n!r} of {f}")
             else:
                 _consistent(n, types, files[0], x.fields[n], f)
     return pa.schema([pa.field(n, types[n]) for n in names])
@@ -132,7 +134,7 @@ def plan_input(spec: str, columns: InputColumns, carry: Sequence[str] = (), fmt:
                 raise InputError(f"{f}: hive partition folder {k}=... names column {k!r}, which the "
                                  "file or the job already uses; rename the folder")
             x.fields[k] = pa.string()
-        if not any(c in x.fields for c in columns.prompt_forms):
+        if (x.rows or f.format == "parquet") and not any(c in x.fields for c in columns.prompt_forms):
             raise InputError(f"{f}: none of the prompt columns {list(columns.prompt_forms)} is present; "
                              f"columns found: {list(x.fields)}")
         for col in (columns.relevant if f.format == "parquet" else [columns.id]):

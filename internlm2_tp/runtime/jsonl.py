@@ -116,7 +116,7 @@ def scan(fs: pafs.FileSystem, f: InputFile, columns: InputColumns, carry: list[s
     """The pre-pass over one file: rows, ids (checked), keys seen, carried columns' types
     (``carry`` None: every key but the prompt forms and the id)."""
     facts, ids, kind, first_id = FileFacts(), [], None, 0
-    missing_id, unreadable = 0, 0
+    missing_id, unreadable, objects = 0, 0, 0
     pending: dict[str, list] = {}
     skip = {columns.id, *columns.prompt_forms}
 
@@ -125,7 +125,8 @@ def scan(fs: pafs.FileSystem, f: InputFile, columns: InputColumns, carry: list[s
             try:
                 t = pa.array(vals).type
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
-                raise InputError(f"{f}: column {k!r} cannot be carried: {e}") from None
+                raise InputError(f"{f}: column {k!r} cannot be carried, its values have different "
+                                 f"types ({e})") from None
             facts.fields[k] = unify(facts.fields.get(k), t, f"{f}: column {k!r}")
         pending.clear()
 
@@ -133,6 +134,7 @@ def scan(fs: pafs.FileSystem, f: InputFile, columns: InputColumns, carry: list[s
         facts.rows += 1
         has, v = line_id(line, columns.id)
         if line.obj is not None:
+            objects += 1
             for k, val in line.obj.items():
                 facts.fields.setdefault(k, pa.null())
                 if (k in carry) if carry is not None else (k not in skip):
@@ -145,12 +147,15 @@ def scan(fs: pafs.FileSystem, f: InputFile, columns: InputColumns, carry: list[s
             t = check_id(v, f, line.no, columns.id)
             if kind is not None and t is not kind:
                 raise InputError(f"{f}: line {line.no}: id {v!r} is {json_type(v)} but earlier ids "
-                                 f"are {json_type(kind())}s")
+                                 f"are {'integers' if kind is int else 'strings'}")
             kind = t
             ids.append(v)
         if facts.rows % _INFER_EVERY == 0:
             infer()
     infer()
+    if facts.rows and not objects:
+        raise InputError(f"{f}: no line is a JSON object; JSON Lines has one object per line (a JSON "
+                         "array converts with `jq -c '.[]'`)")
     if first_id:
         if missing_id:
             raise InputError(f"{f}: line {missing_id} has no id column {columns.id!r} (line {first_id} "

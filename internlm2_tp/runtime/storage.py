@@ -13,7 +13,6 @@ endpoint fails in seconds, not minutes.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import os
 import re
 import secrets
@@ -134,7 +133,6 @@ def _s3(spec: str, what: str) -> Location:
     return Location(fs, u.netloc + ("/" + key if key else ""), "s3://")
 
 
-@functools.lru_cache(maxsize=16)
 def _s3_filesystem(items: tuple[tuple[str, str], ...]) -> pafs.S3FileSystem:
     o = {**{k: str(v) for k, v in S3_DEFAULTS.items()}, **dict(items)}
     flag = lambda k: o.get(k, "false").lower() in ("1", "true", "yes")  # noqa: E731
@@ -204,8 +202,9 @@ def glob_match(pattern: list[str], parts: list[str]) -> bool:
     matched only by a pattern that starts with one."""
     if not pattern:
         return not parts
-    if pattern[0] == "**":
-        return any(glob_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    if pattern[0] == "**":   # never through a hidden folder
+        return any(glob_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1)
+                   if not any(p.startswith(".") for p in parts[:i]))
     return (bool(parts) and not (parts[0].startswith(".") and not pattern[0].startswith("."))
             and fnmatch.fnmatchcase(parts[0], pattern[0]) and glob_match(pattern[1:], parts[1:]))
 
