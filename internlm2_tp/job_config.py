@@ -155,6 +155,14 @@ def load_job_config(yaml_path: str | Path | None, overrides: list[str]) -> JobCo
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise JobConfigError(f"override {bad[0]!r} is not key=value")
+        for o in overrides:   # a value YAML cannot parse, e.g. data.carry_columns=[*]
+            try:
+                OmegaConf.from_dotlist([o])
+            except OmegaConfBaseException:
+                pass
+            except Exception as e:  # noqa: BLE001 - yaml's own errors
+                raise JobConfigError(f"override {o!r}: the value does not parse ({' '.join(str(e).split())}); "
+                                     "quote it, e.g. 'data.carry_columns=[\"*\"]'") from None
         layers.append(OmegaConf.from_dotlist(overrides))
         merged = OmegaConf.merge(*layers)
         obj = OmegaConf.to_object(merged)
