@@ -204,7 +204,8 @@ def test_jsonl_plan_ids_rows_and_formats(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("lines,culprit", [
     (({"id": 1, "prompt": "a"}, {"prompt": "b"}), r"x\.jsonl: line 2 has no id column 'id' \(line 1 has one\)"),
-    (({"id": 1, "prompt": "a"}, {"id": "2", "prompt": "b"}), r"line 2: id '2' is a string but earlier ids are integers"),
+    (({"id": 1, "prompt": "a"}, {"id": "2", "prompt": "b"}),
+     r"line 2: id '2' is a string but earlier ids are integers"),
     (({"id": None, "prompt": "a"},), r"x\.jsonl: line 1: id column 'id' is null"),
     (({"id": 1.5, "prompt": "a"},), r"line 1: id column 'id' has unsupported type a number"),
     (({"id": 1, "prompt": "a"}, "garbage without an id"),
@@ -231,7 +232,8 @@ def test_hive_partitions_become_string_columns(tmp_path: Path) -> None:
     write(tmp_path / "lang=en" / "year=2024" / "p.parquet", {"id": [1], "prompt": ["a"]})
     write(tmp_path / "lang=zh%2Fhans" / "year=__HIVE_DEFAULT_PARTITION__" / "p.parquet", {"id": [2], "prompt": ["b"]})
     plan = plan_input(str(tmp_path), COLS, carry=["lang", "year"])
-    assert [f.partitions for f in plan.files] == [(("lang", "en"), ("year", "2024")), (("lang", "zh/hans"), ("year", None))]
+    assert [f.partitions for f in plan.files] == [(("lang", "en"), ("year", "2024")),
+                                                  (("lang", "zh/hans"), ("year", None))]
     assert plan.carry_schema == pa.schema([("lang", pa.string()), ("year", pa.string())])
     got = [(r.id, r.carry.to_pylist()[0]) for r in all_rows(str(tmp_path), carry=["lang", "year"])]
     assert got == [(1, {"lang": "en", "year": "2024"}), (2, {"lang": "zh/hans", "year": None})]

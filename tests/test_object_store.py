@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from _job import MSG, job_args, read_out, run_cli, run_inprocess, run_job, write_prompts
+from _job import job_args, read_out, run_cli, run_inprocess, run_job, write_prompts
 from _procs import finish, kill_stray_jobs, start_job
 from internlm2_tp.cli import EXIT_BAD_INPUT
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -46,7 +47,8 @@ def test_batches_are_full_and_skip_ids_filtered(tmp_path: Path) -> None:
         list(iter_rows(plan, COLS, 0))
 
 
-def test_streaming_memory_is_bounded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["disk", "s3"])
+def test_streaming_memory_is_bounded(tmp_path: Path, where: str, request: pytest.FixtureRequest) -> None:
     n, chunk = 200_000, 10_000
     path = tmp_path / "big.parquet"
     pad = "x" * 500  # ~100 MB of prompt text in total: materialising it would blow the budget
@@ -56,10 +58,16 @@ def test_streaming_memory_is_bounded(tmp_path: Path) -> None:
             w.write_table(pa.table({"id": pa.array(range(s, s + chunk), pa.int64()),
                                     "prompt": [f"{i}{pad}" for i in range(s, s + chunk)],
                                     "temperature": [0.5] * chunk}, schema=schema), row_group_size=5000)
+    spec = str(path)
+    if where == "s3":   # the same file in object storage (copied in C++, never held here)
+        s3 = request.getfixturevalue("s3")
+        loc = s3.loc("big.parquet")
+        pafs.copy_files(spec, loc.path, destination_filesystem=loc.fs)
+        spec = s3.uri("big.parquet")
     gc.collect()
     proc = psutil.Process()
     base = peak = proc.memory_info().rss
-    plan = plan_input(str(path), COLS)
+    plan = plan_input(spec, COLS)
     skip = pa.array(range(0, n, 2), pa.int64())
     count = 0
     for batch in iter_rows(plan, COLS, 1000, skip):
@@ -184,7 +192,8 @@ def test_carried_columns_keep_types_and_values(tmp_path: Path) -> None:
              "d": pa.array([Decimal(f"{i}.125") for i in range(n)], pa.decimal128(9, 3))}
     a = write(tmp_path / "in" / "a.parquet", {"id": list(range(n)), "prompt": ["p"] * n, **extra}, row_group_size=3)
     write(tmp_path / "in" / "b.parquet", {"id": [100], "prompt": ["q"], "n": pa.array([9], pa.int16()),
-                                          "s": pa.array([None], pa.null()), "l": pa.array([None], pa.large_list(pa.int64())),
+                                          "s": pa.array([None], pa.null()),
+                                          "l": pa.array([None], pa.large_list(pa.int64())),
                                           "st": pa.array([None], NESTED),
                                           "d": pa.array([Decimal("2.5")], pa.decimal128(9, 3))})
     rows = all_rows(str(tmp_path / "in"), batch_rows=2, carry=["*"], skip=pa.array([1]))

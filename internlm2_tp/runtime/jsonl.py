@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from internlm2_tp.runtime.input_types import (INT_OVERRIDES, OVERRIDE_COLUMNS, FileFacts, InputColumns, InputError,
                                               InputFile)
-from internlm2_tp.runtime.storage import pa_errors
+from internlm2_tp.runtime.storage import STORE_ERRORS
 
 _CHUNK = 1 << 20
 _INFER_EVERY = 8192
@@ -44,14 +44,14 @@ def lines(fs: pafs.FileSystem, f: InputFile) -> Iterator[Line]:
     """Every non-blank line of a file, parsed; read failures are job-level (InputError)."""
     try:
         stream = fs.open_input_stream(f.path, compression="detect")
-    except pa_errors() as e:
+    except STORE_ERRORS as e:
         raise InputError(f"{f}: cannot open for reading ({type(e).__name__}: {e})") from None
     with stream:
         rest, no = b"", 0
         while True:
             try:
                 buf = stream.read(_CHUNK)
-            except pa_errors() as e:
+            except STORE_ERRORS as e:
                 raise InputError(f"{f}: failed while reading ({type(e).__name__}: {e})") from None
             if not buf:
                 break

@@ -150,7 +150,7 @@ def prepare_output_dir(out: Location | str | os.PathLike, fingerprint: dict, ove
     if out.has_dirs:
         try:
             out.fs.create_dir(out.path, recursive=True)
-        except storage.pa_errors() as e:
+        except storage.STORE_ERRORS as e:
             raise storage.fail(out, _W, "cannot create", e) from None
     parts, temps, foreign, meta = _scan(out)
     if foreign:

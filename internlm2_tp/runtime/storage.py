@@ -2,13 +2,8 @@
 pyarrow filesystem and a path in it, and the few operations the job needs on any of them: list
 with glob patterns, write a file so that it appears whole under its final name, probe that a
 prefix is writable. Every store failure becomes a ``StorageError`` naming the URI and the store's
-own message (exit code 2), never a traceback.
-
-S3-compatible stores (AWS, Huawei OBS, MinIO) are configured the standard way: ``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION`` and ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (pyarrow
-ignores the last two itself: apache/arrow#49643), or the URI's own
-``?endpoint_override=host:port&scheme=http``. Timeouts and retries are bounded so that a dead
-endpoint fails in seconds, not minutes.
+own message (exit code 2), never a traceback. S3-compatible stores: ``runtime.s3``; any other
+scheme pyarrow knows (gs, hdfs, abfs) through ``pyarrow.fs.FileSystem.from_uri``.
 """
 from __future__ import annotations
 
@@ -17,20 +12,16 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from internlm2_tp.runtime.s3 import s3_filesystem
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _MAGIC = re.compile(r"[*?[]")
-# URI query keys we accept for s3:// (ours: max_attempts); credentials are refused: a URI is
-# logged and kept in _job.json and _manifest.json.
-S3_OPTIONS = ("endpoint_override", "scheme", "region", "connect_timeout", "request_timeout",
-              "max_attempts", "force_virtual_addressing", "anonymous")
-_SECRET_OPTIONS = ("access_key", "secret_key", "session_token")
-# Seconds; one attempt of a dead endpoint costs connect_timeout, a silent one request_timeout
-# (the SDK's "less than 1 byte/s for this long"), times max_attempts.
-S3_DEFAULTS = {"connect_timeout": 5.0, "request_timeout": 5.0, "max_attempts": 3}
+STORE_ERRORS = (OSError, pa.ArrowException)   # what pyarrow raises for a store's refusal
 
 
 class StorageError(ValueError):
@@ -93,7 +84,7 @@ def resolve(spec: str, what: str) -> Location:
     head, _, tail = _split_magic(base)
     try:
         fs, path = pafs.FileSystem.from_uri(head + ("?" + query if query else ""))
-    except pa_errors() as e:
+    except STORE_ERRORS as e:
         raise StorageError(f"{what} {spec}: {_one_line(e)}") from None
     return Location(fs, path.rstrip("/") + ("/" + tail if tail else ""), f"{scheme}://")
 
@@ -109,45 +100,12 @@ def _s3(spec: str, what: str) -> Location:
     u = urlsplit(spec)
     if not u.netloc:
         raise StorageError(f"{what} {spec}: no bucket in the URI (s3://bucket/prefix)")
-    opts = dict(parse_qsl(u.query, keep_blank_values=True))
-    secret = [k for k in opts if k in _SECRET_OPTIONS]
-    if secret:
-        raise StorageError(f"{what} {canonical(spec)}: credentials in the URI ({secret}) would be "
-                           "written to logs and _job.json; use AWS_ACCESS_KEY_ID / "
-                           "AWS_SECRET_ACCESS_KEY")
-    unknown = [k for k in opts if k not in S3_OPTIONS]
-    if unknown:
-        raise StorageError(f"{what} {spec}: unknown URI option(s) {unknown}; known: {list(S3_OPTIONS)}")
-    env_ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    if "endpoint_override" not in opts and env_ep:
-        e = urlsplit(env_ep if "://" in env_ep else "https://" + env_ep)
-        opts.setdefault("scheme", e.scheme)
-        opts["endpoint_override"] = e.netloc
-    opts.setdefault("region", os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-                    or "us-east-1")   # always given: else the SDK asks a metadata service
     try:
-        fs = _s3_filesystem(tuple(sorted(opts.items())))
-    except (ValueError, TypeError) as e:
-        raise StorageError(f"{what} {spec}: bad URI option ({e})") from None
+        fs = s3_filesystem(u.query)
+    except ValueError as e:
+        raise StorageError(f"{what} {canonical(spec)}: {e}") from None
     key = u.path.strip("/")
     return Location(fs, u.netloc + ("/" + key if key else ""), "s3://")
-
-
-def _s3_filesystem(items: tuple[tuple[str, str], ...]) -> pafs.S3FileSystem:
-    o = {**{k: str(v) for k, v in S3_DEFAULTS.items()}, **dict(items)}
-    flag = lambda k: o.get(k, "false").lower() in ("1", "true", "yes")  # noqa: E731
-    return pafs.S3FileSystem(
-        region=o["region"], endpoint_override=o.get("endpoint_override") or None,
-        scheme=o.get("scheme") or "https", connect_timeout=float(o["connect_timeout"]),
-        request_timeout=float(o["request_timeout"]), anonymous=flag("anonymous"),
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=int(o["max_attempts"])),
-        force_virtual_addressing=flag("force_virtual_addressing"),
-        allow_delayed_open=True)   # a small object is one PUT at close, not a multipart upload
-
-
-def pa_errors() -> tuple[type[BaseException], ...]:
-    import pyarrow as pa
-    return (OSError, pa.ArrowException)
 
 
 def _one_line(e: BaseException) -> str:
@@ -170,13 +128,13 @@ def check_reachable(loc: Location, what: str) -> None:
         loc.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     except NotADirectoryError:
         pass
-    except pa_errors() as e:
+    except STORE_ERRORS as e:
         raise fail(loc, what, "cannot list", e) from None
     if not loc.has_dirs:
         bucket = loc.path.split("/", 1)[0]
         try:
             missing = loc.fs.get_file_info(bucket).type == pafs.FileType.NotFound
-        except pa_errors():
+        except STORE_ERRORS:
             missing = False   # HEAD on the bucket may be denied where listing is allowed
         if missing:
             raise StorageError(f"{what} {loc.uri}: bucket {bucket!r} does not exist")
@@ -185,7 +143,7 @@ def check_reachable(loc: Location, what: str) -> None:
 def info(loc: Location, what: str) -> pafs.FileInfo:
     try:
         return loc.fs.get_file_info(loc.path)
-    except pa_errors() as e:
+    except STORE_ERRORS as e:
         raise fail(loc, what, "cannot stat", e) from None
 
 
@@ -193,7 +151,7 @@ def listdir(loc: Location, what: str, recursive: bool = False) -> list[pafs.File
     try:
         return loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True,
                                                       recursive=recursive))
-    except pa_errors() as e:
+    except STORE_ERRORS as e:
         raise fail(loc, what, "cannot list", e) from None
 
 
@@ -243,9 +201,9 @@ def write_atomic(loc: Location, data: bytes, what: str) -> None:
     except BaseException as e:
         try:
             loc.fs.delete_file(tmp_path)
-        except pa_errors():
+        except STORE_ERRORS:
             pass
-        if isinstance(e, pa_errors()):
+        if isinstance(e, STORE_ERRORS):
             raise fail(loc, what, "cannot write", e) from None
         raise
 
@@ -282,11 +240,11 @@ def probe_write(loc: Location, what: str) -> None:
     try:
         with loc.fs.open_output_stream(probe.path) as f:
             f.write(b"internlm2_tp write probe\n")
-    except pa_errors() as e:
+    except STORE_ERRORS as e:
         raise fail(loc, what, "cannot write (probe object)", e) from None
     try:
         loc.fs.delete_file(probe.path)
-    except pa_errors() as e:
+    except STORE_ERRORS as e:
         raise fail(loc, what, "cannot delete (probe object)", e) from None
 
 
@@ -295,7 +253,7 @@ def delete(loc: Location, path: str, what: str) -> None:
         loc.fs.delete_file(path)
     except FileNotFoundError:
         pass
-    except pa_errors() as e:
+    except STORE_ERRORS as e:
         raise fail(Location(loc.fs, path, loc.prefix), what, "cannot delete", e) from None
 
 
@@ -303,5 +261,5 @@ def read_bytes(loc: Location, what: str) -> bytes:
     try:
         with loc.fs.open_input_stream(loc.path) as f:
             return f.read()
-    except pa_errors() as e:
+    except STORE_ERRORS as e:
         raise fail(loc, what, "cannot read", e) from None

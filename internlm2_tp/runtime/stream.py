@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 from internlm2_tp.runtime import jsonl
 from internlm2_tp.runtime.input_types import (FLOAT_OVERRIDES, InputColumns, InputError, InputFile, InputPlan,
                                               InputRow)
-from internlm2_tp.runtime.storage import pa_errors
 
 _OVERRIDE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
