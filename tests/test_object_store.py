@@ -168,3 +168,11 @@ def test_store_failure_exits_2_fast_naming_uri_and_error(case, env, side, words,
     assert "Traceback" not in p.stderr and "memory plan" not in p.stderr
     assert took < 30, took
     assert [n for n in s3.names("out")] == []    # nothing written, not even a probe left
+
+
+def test_output_inside_an_s3_input_is_refused(ckpt, s3, capsys):
+    s3.put_table("in/p.parquet", pa.table({"id": [1], "prompt": ["a"]}))
+    for out, words in ((s3.uri("in/out"), "is inside data.input"), (s3.uri(""), "contains input file")):
+        rc, err = run_job(s3_args(ckpt, s3.uri("in"), out), capsys)
+        assert rc == EXIT_BAD_INPUT and words in err, err
+    assert s3.names("in") == ["p.parquet"]
