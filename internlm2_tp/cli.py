@@ -23,10 +23,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from internlm2_tp.runtime.io import InputError
     from internlm2_tp.runtime.output import OutputDirError
     from internlm2_tp.runtime.ray_cluster import ClusterError
+    from internlm2_tp.runtime.storage import StorageError
     from internlm2_tp.tokenizer import TokenizerError
 
     return (CheckpointError, ConfigError, JobConfigError, InputError, OutputDirError,
-            TokenizerError, FileNotFoundError, ClusterError)
+            StorageError, TokenizerError, FileNotFoundError, ClusterError)
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

@@ -68,21 +68,30 @@ class ParallelSection:
 
 @dataclass
 class DataSection:
-    input: str = ""                       # Parquet file, directory or glob
-    output: str = ""                      # output directory (shards + manifest)
+    input: str = ""                       # path or URI (s3://, gs://, hdfs://, file://): file, dir or glob
+    output: str = ""                      # output directory or prefix, local path or URI
     id_column: str = "id"                 # row number when the column is absent
     prompt_column: str = "prompt"
     messages_column: str = "messages"
     token_ids_column: str = "prompt_token_ids"
-    batch_rows: int = 256                 # rows read from Parquet at a time
+    batch_rows: int = 256                 # rows read from the input at a time
     shard_rows: int = 1000                # rows per output shard
     overwrite: bool = False               # reuse an output dir written with another config
+    carry_columns: list[str] = field(default_factory=list)   # input columns copied to the output; ["*"]: all
+    format: str = "auto"                  # auto (by extension), parquet, json (JSON Lines)
 
     def __post_init__(self) -> None:
         if self.batch_rows < 1:
             raise JobConfigError(f"data.batch_rows must be >= 1, got {self.batch_rows}")
         if self.shard_rows < 1:
             raise JobConfigError(f"data.shard_rows must be >= 1, got {self.shard_rows}")
+        if self.format not in ("auto", "parquet", "json"):
+            raise JobConfigError(f"data.format must be auto, parquet or json; got {self.format!r}")
+        c = list(self.carry_columns)
+        if any(not isinstance(x, str) or not x for x in c) or len(set(c)) != len(c):
+            raise JobConfigError(f"data.carry_columns must be distinct non-empty names, got {c}")
+        if "*" in c and c != ["*"]:
+            raise JobConfigError(f"data.carry_columns: '*' (every input column) stands alone, got {c}")
 
 
 @dataclass
@@ -151,6 +160,14 @@ def load_job_config(yaml_path: str | Path | None, overrides: list[str]) -> JobCo
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise JobConfigError(f"override {bad[0]!r} is not key=value")
+        for o in overrides:   # a value YAML cannot parse, e.g. data.carry_columns=[*]
+            try:
+                OmegaConf.from_dotlist([o])
+            except OmegaConfBaseException:
+                pass
+            except Exception as e:  # noqa: BLE001 - yaml's own errors
+                raise JobConfigError(f"override {o!r}: the value does not parse ({' '.join(str(e).split())}); "
+                                     "quote it, e.g. 'data.carry_columns=[\"*\"]'") from None
         layers.append(OmegaConf.from_dotlist(overrides))
         merged = OmegaConf.merge(*layers)
         obj = OmegaConf.to_object(merged)

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
         manifest = job.run(pool)   # shuts the pool down (kills every actor) however it ends
     finally:
         disconnect()   # and stops a cluster the job started itself
-    print_summary(manifest, Path(cfg.data.output))
+    print_summary(manifest, cfg.data.output)
     return 0
 
 
@@ -77,20 +77,22 @@ def make_ray_pool(cfg):
                    start_retries=cfg.ray.max_group_restarts)
 
 
-def print_summary(manifest: dict, out: Path) -> None:
-    import pyarrow.dataset as ds
+def print_summary(manifest: dict, out: str) -> None:
+    """A few rows and the totals, read back through the same filesystem layer as the job's
+    (a local directory or an object-store prefix)."""
+    from internlm2_tp.runtime.output import head_rows
+    from internlm2_tp.runtime.storage import resolve
 
-    parts = sorted(str(p) for p in out.glob("part-*.parquet"))
-    table = ds.dataset(parts, format="parquet").head(5) if parts else None
     print("\nFirst rows:")
-    for r in table.to_pylist() if table is not None else []:
+    for r in head_rows(out, 5):
         text = r["completion"].replace("\n", "\\n")
         print(f"  id={r['id']} {r['finish_reason']:6} {r['completion_tokens']:4} tok  "
               f"{text[:70]!r}{' ERROR: ' + r['error'] if r['error'] else ''}")
     keys = ("rows_total", "rows_this_run", "rows_done_before", "errors", "completion_tokens",
             "wall_s", "rows_per_s", "output_tokens_per_s", "group_restarts")
     print("\nSummary: " + ", ".join(f"{k}={manifest[k]}" for k in keys))
-    print(f"Output: {out}/part-*.parquet, manifest {out}/_manifest.json")
+    uri = resolve(out, "data.output").uri
+    print(f"Output: {uri}/part-*.parquet, manifest {uri}/_manifest.json")
 
 
 if __name__ == "__main__":

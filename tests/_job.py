@@ -49,8 +49,9 @@ def job_args(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "engine.block_size=16", *extra]
 
 
-def run_cli(script: str, args: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
+def run_cli(script: str, args: list[str], timeout: float = 300, env_extra: dict | None = None,
+            **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled", **(env_extra or {}))
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT, **kw)
 

@@ -67,3 +67,25 @@ def ray_head():
 
     with private_ray_head(num_cpus=2, dashboard=True) as addrs:
         yield addrs
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's standalone server) on loopback, for the session."""
+    from _s3 import moto_server
+
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch: pytest.MonkeyPatch):
+    """The server's credentials and endpoint in this test's environment (AWS_* variables, as a
+    user sets them), and a fresh prefix of its bucket."""
+    import secrets
+
+    from _s3 import S3Prefix
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    return S3Prefix(s3_server, f"t-{secrets.token_hex(4)}")

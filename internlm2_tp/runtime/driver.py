@@ -25,7 +25,8 @@ from internlm2_tp.cli import user_errors
 from internlm2_tp.config import ModelConfig, check_tp
 from internlm2_tp.job_config import JobConfig, JobConfigError
 from internlm2_tp.runtime.interrupts import InterruptGuard
-from internlm2_tp.runtime.io import InputColumns, InputRow, plan_input, would_read
+from internlm2_tp.runtime import storage
+from internlm2_tp.runtime.io import InputColumns, InputRow, inputs_inside, plan_input, would_read
 from internlm2_tp.runtime.output import ShardWriter, prepare_output_dir, write_manifest
 from internlm2_tp.runtime.preflight import check_checkpoint
 from internlm2_tp.runtime.rows import Request, base_params, error_row, finished_row, to_request
@@ -54,11 +55,15 @@ def fingerprint(cfg: JobConfig, mcfg: ModelConfig) -> dict:
     """What makes two runs' outputs comparable; a resumed run must match it."""
     cfg_sha = hashlib.sha256(Path(mcfg.source).read_bytes()).hexdigest()
     d = cfg.data
+    data = {"input": storage.canonical(d.input), "id_column": d.id_column,
+            "prompt_column": d.prompt_column, "messages_column": d.messages_column,
+            "token_ids_column": d.token_ids_column}
+    # Added keys appear only when set, so an output directory of an older version still resumes.
+    data.update({k: v for k, v in (("carry_columns", list(d.carry_columns)), ("format", d.format))
+                 if v not in ([], "auto")})
     return {"model": {"path": str(Path(cfg.model.path).resolve()), "config_sha256": cfg_sha,
                       "dtype": cfg.model.dtype},
-            "generation": asdict(cfg.generation),
-            "data": {"input": d.input, "id_column": d.id_column, "prompt_column": d.prompt_column,
-                     "messages_column": d.messages_column, "token_ids_column": d.token_ids_column}}
+            "generation": asdict(cfg.generation), "data": data}
 
 
 class Job:
@@ -68,9 +73,10 @@ class Job:
         if not cfg.model.path:
             raise JobConfigError("model.path is required (an InternLM2 or Llama-layout HF checkpoint dir)")
         if not d.input:
-            raise JobConfigError("data.input is required (a Parquet file, directory or glob)")
+            raise JobConfigError("data.input is required (a Parquet or JSON Lines file, directory "
+                                 "or glob; a local path or URI)")
         if not d.output:
-            raise JobConfigError("data.output is required (a directory)")
+            raise JobConfigError("data.output is required (a directory or object-store prefix)")
         self.mcfg = ModelConfig.from_dir(cfg.model.path)
         check_tp(self.mcfg, cfg.parallel.tp)
         check_checkpoint(cfg.model.path, self.mcfg)   # a dry load: names the file and tensor
@@ -83,15 +89,15 @@ class Job:
                                         d.token_ids_column)
         except ValueError as e:
             raise JobConfigError(f"data.*_column: {e}") from e
-        self.plan = plan_input(d.input, self.columns)           # job-level input errors: here
-        self.out = Path(d.output)
-        out = self.out.resolve()
-        inside = [f for f in self.plan.files if f.resolve() == out or out in f.resolve().parents]
+        # job-level input errors: here (an unreachable store, bad credentials too)
+        self.plan = plan_input(d.input, self.columns, d.carry_columns, d.format)
+        self.out = storage.resolve(d.output, "data.output")
+        inside = inputs_inside(self.plan, self.out)
         if inside:
             raise JobConfigError(f"data.output {d.output!r} contains input file {inside[0]}: the "
                                  "output shards would be read back as input; choose an output "
                                  "directory outside data.input")
-        if would_read(d.input, self.out / "part-x-00000.parquet"):
+        if would_read(d.input, self.out.child("part-x-00000.parquet")):
             raise JobConfigError(f"data.output {d.output!r} is inside data.input {d.input!r}: "
                                  "its shards would be read as input by the rerun; choose an "
                                  "output directory outside data.input")
@@ -110,10 +116,11 @@ class Job:
         cfg, t0 = self.cfg, time.time()
         log.info("%d rows in %d file(s); %d already done in %s; %d to run",
                  self.plan.num_rows, len(self.plan.files), self.plan.num_rows - self.todo,
-                 self.out, self.todo)
+                 self.out.uri, self.todo)
         stats = {"rows": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
                  "group_restarts": 0}
-        writer = ShardWriter(self.out, self.plan.id_type, cfg.data.shard_rows)
+        writer = ShardWriter(self.out, self.plan.id_type, cfg.data.shard_rows,
+                             carry=self.plan.carry_schema)
         bar = tqdm(total=self.todo, unit="row", file=sys.stderr, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 10)
         guard = InterruptGuard()
@@ -136,7 +143,7 @@ class Job:
                     "wall_s": round(wall, 3),
                     "rows_per_s": round(stats["rows"] / wall, 3),
                     "output_tokens_per_s": round(stats["completion_tokens"] / wall, 3),
-                    "shards_written": [p.name for p in writer.files],
+                    "shards_written": list(writer.files),
                     "memory_plan": f0, "config": self.cfg.to_dict()}
         write_manifest(self.out, manifest)
         return manifest
@@ -161,10 +168,11 @@ class Job:
         rows, retry = self._rows(), deque()
         inflight: list[dict[Any, Request]] = [{} for _ in range(pool.num_groups)]
         restarts = [0] * pool.num_groups
+        carried: dict[Any, Any] = {}   # row id -> its carried input columns, until written
 
         def put(row) -> None:
             with guard.critical():   # a row is in the shard buffer (or written) exactly once
-                writer.add(row)
+                writer.add(row, carried.pop(row.id, None))
             stats["rows"] += 1
             stats["errors"] += row.finish_reason == "error"
             stats["prompt_tokens"] += row.prompt_tokens
@@ -179,6 +187,8 @@ class Job:
                 row = next(rows, None)
                 if row is None:
                     break
+                if row.carry is not None:
+                    carried[row.id] = row.carry
                 r = to_request(row, self.tok, self.base, self.mcfg.vocab_size, max_len)
                 if isinstance(r, Request):
                     out.append(r)
