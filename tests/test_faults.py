@@ -220,7 +220,7 @@ def test_stop_signal_before_the_first_row(phase, sig, ray_head, ckpt, data, tmp_
     assert proc.returncode == (143 if sig == signal.SIGTERM else 130), log[-3000:]
     assert wall < 20 and not loaded and "Traceback" not in log, log[-3000:]
     assert ("terminated (SIGTERM)" if sig == signal.SIGTERM else "interrupted:") in log
-    assert sorted(p.name for p in out.iterdir()) == ["job.json"]   # nothing half-written
+    assert sorted(p.name for p in out.iterdir()) == ["_job.json"]   # nothing half-written
     assert alive(actors) == [] and cluster_rank_actors(ray_head["gcs"]) == []
 
 
