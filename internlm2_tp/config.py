@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from internlm2_tp.errors import ConfigError
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -30,10 +32,6 @@ DTYPES: dict[str, torch.dtype] = {
 # Architectures whose weights we can read: the native layout and the Llama layout written by
 # our converter (or InternLM's own conversion tool).
 LAYOUTS = {"InternLM2ForCausalLM": "internlm2", "LlamaForCausalLM": "llama"}
-
-
-class ConfigError(ValueError):
-    """A config.json that cannot describe a model we can run; the message names the field."""
 
 
 @dataclass(frozen=True)

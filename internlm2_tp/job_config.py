@@ -14,11 +14,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from internlm2_tp.engine.engine import EngineConfig
+from internlm2_tp.errors import JobConfigError
 from internlm2_tp.parallel.platform import DEVICE_CHOICES
-
-
-class JobConfigError(ValueError):
-    """A bad job setting; the message names the key."""
 
 
 @dataclass

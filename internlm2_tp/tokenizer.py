@@ -16,6 +16,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from internlm2_tp.errors import MissingFileError
 from internlm2_tp.tokenizer_files import (
     CONFIG_FILE, MODEL_FILE, TokenizerConfig, TokenizerError, find_default_tokenizer_model,
     special_token_ids, train_fallback_model, write_tokenizer_files,
@@ -29,7 +30,7 @@ class Tokenizer:
     def __init__(self, model_file: str | Path, config: TokenizerConfig | None = None) -> None:
         path = Path(model_file)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model {path} does not exist")
+            raise MissingFileError(f"tokenizer model {path} does not exist")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
@@ -76,10 +77,10 @@ class Tokenizer:
         """Read <path>/tokenizer.model and, when present, <path>/tokenizer_config.json."""
         d = Path(path)
         if not d.is_dir():
-            raise FileNotFoundError(f"tokenizer directory {d} does not exist")
+            raise MissingFileError(f"tokenizer directory {d} does not exist")
         model, cfg_path = d / MODEL_FILE, d / CONFIG_FILE
         if not model.is_file():
-            raise FileNotFoundError(f"tokenizer model {model} does not exist")
+            raise MissingFileError(f"tokenizer model {model} does not exist")
         config = None
         if cfg_path.is_file():
             try:

@@ -22,6 +22,8 @@ from typing import Any
 
 import sentencepiece as spm
 
+from internlm2_tp.errors import MissingFileError, TokenizerError
+
 TOKENIZER_ENV = "INTERNLM2_TOKENIZER"
 MODEL_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -41,10 +43,6 @@ CHAT_TEMPLATE = (
     "+ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
     "{% endif %}"
 )
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used; the message names the file and the field."""
 
 
 def _token_content(value: Any, key: str, source: str) -> str | None:
@@ -104,7 +102,7 @@ def find_default_tokenizer_model() -> Path | None:
     if env:
         path = Path(env).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"${TOKENIZER_ENV}={env!r} is not a file")
+            raise MissingFileError(f"${TOKENIZER_ENV}={env!r} is not a file")
         return path
     repo_root = Path(__file__).resolve().parent.parent
     path = repo_root.parent / "shared" / "data" / "tokenizer_internlm2.model"
@@ -213,7 +211,7 @@ def write_tokenizer_files(out_dir: str | Path, model_path: str | Path | None = N
     out.mkdir(parents=True, exist_ok=True)
     src = Path(model_path) if model_path is not None else find_default_tokenizer_model()
     if src is not None and not src.is_file():
-        raise FileNotFoundError(f"tokenizer model {src} does not exist")
+        raise MissingFileError(f"tokenizer model {src} does not exist")
     dst = out / MODEL_FILE
     if src is not None:
         shutil.copyfile(src, dst)

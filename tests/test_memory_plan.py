@@ -15,7 +15,7 @@ from internlm2_tp.config import ConfigError, ModelConfig
 from internlm2_tp.engine.engine import EngineConfig, plan_cache
 from internlm2_tp.memory_plan import GiB, plan, preset, weight_params
 from internlm2_tp.model import InternLM2Model
-from internlm2_tp.parallel.device import TPGroup
+from internlm2_tp.parallel.group import TPGroup
 
 # 48 q heads over 8 KV heads as the 20B; vocab 1000 is not a multiple of 16 (padded rows).
 SPEC = dict(dtype="float32", hidden_size=192, num_attention_heads=48, num_key_value_heads=8,

@@ -20,10 +20,9 @@ from typing import Any, Iterator, Protocol
 
 from tqdm import tqdm
 
-from internlm2_tp.checkpoint import CheckpointError
-from internlm2_tp.cli import user_errors
 from internlm2_tp.config import ModelConfig, check_tp
-from internlm2_tp.job_config import JobConfig, JobConfigError
+from internlm2_tp.errors import CheckpointError, JobConfigError, JobFailed, UserError
+from internlm2_tp.job_config import JobConfig
 from internlm2_tp.runtime.interrupts import InterruptGuard
 from internlm2_tp.runtime import storage
 from internlm2_tp.runtime.io import InputColumns, InputRow, inputs_inside, plan_input, would_read
@@ -34,10 +33,6 @@ from internlm2_tp.runtime.stream import iter_rows
 from internlm2_tp.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class JobFailed(RuntimeError):
-    pass
 
 
 class Pool(Protocol):
@@ -151,7 +146,7 @@ class Job:
     def _start(self, pool: Pool) -> dict:
         try:
             facts = pool.start()
-        except (JobFailed, *user_errors()):  # a bad checkpoint found by a rank: exit code 2
+        except (JobFailed, UserError):  # a bad checkpoint found by a rank: exit code 2
             raise
         except Exception as e:  # noqa: BLE001 - placement, actor start, rendezvous, load
             raise JobFailed(f"the tensor-parallel group(s) could not start: {e}") from e

@@ -7,14 +7,12 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from internlm2_tp.errors import InputError
+
 INT_OVERRIDES = ("max_new_tokens", "top_k", "seed")
 FLOAT_OVERRIDES = ("temperature", "top_p")
 OVERRIDE_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
 FORMATS = ("parquet", "json")
-
-
-class InputError(ValueError):
-    """A job-level input problem: the job must not start."""
 
 
 @dataclass(frozen=True)

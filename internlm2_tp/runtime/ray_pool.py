@@ -14,14 +14,12 @@ import ray
 from internlm2_tp.parallel.platform import cluster_kind
 from internlm2_tp.runtime.interrupts import interrupt_in
 from internlm2_tp.runtime.ray_cluster import SLICE_S
-from internlm2_tp.runtime.ray_group import (GroupFailed, PlacementTimeout, RankActor, RayGroup,
-                                            device_resources)
+from internlm2_tp.errors import GroupFailed, PlacementTimeout
+from internlm2_tp.runtime.ray_group import RayGroup, device_resources
 from internlm2_tp.runtime.ray_placement import check_fits, cpus_per_rank, live_nodes
 from internlm2_tp.runtime.rows import Request
 from internlm2_tp.runtime.worker import WorkerSpec
 
-__all__ = ["GroupFailed", "RankActor", "RayGroup", "RayPool", "cluster_device",
-           "device_resources", "rank_cpus"]
 log = logging.getLogger(__name__)
 
 

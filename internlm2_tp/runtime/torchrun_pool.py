@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from internlm2_tp.errors import JobFailed
 from internlm2_tp.runtime.rows import Request
 from internlm2_tp.runtime.worker import Worker
 
@@ -68,7 +69,6 @@ class TorchrunPool:
         return r
 
     def restart(self, g: int) -> dict:
-        from internlm2_tp.runtime.driver import JobFailed
         raise JobFailed("a rank failed; torchrun cannot rebuild its group: rerun the same command "
                         "to resume (finished rows are saved)")
 

@@ -14,12 +14,10 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
+from internlm2_tp.errors import DeviceError
+
 DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
 log = logging.getLogger(__name__)
-
-
-class DeviceError(RuntimeError):
-    """The device settings cannot work; the message names the setting or variable."""
 
 
 def ray_assigned_ids(resource: str | None) -> list[str]:
