@@ -188,7 +188,7 @@ def throughput(p: Platform, args: argparse.Namespace, ckpt: str) -> float:
     from internlm2_tp.checkpoint import CheckpointReader
     from internlm2_tp.config import ModelConfig
     from internlm2_tp.engine.engine import Engine, EngineConfig
-    from internlm2_tp.engine.sampler import SamplingParams
+    from internlm2_tp.engine.params import SamplingParams
     from internlm2_tp.model import InternLM2Model
     from internlm2_tp.parallel.group import TPGroup
 

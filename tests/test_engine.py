@@ -6,7 +6,7 @@ import torch
 
 from _mp import run_ranks
 from _ranks import build_model, prefill_logits, rank_generate
-from internlm2_tp.engine.sampler import SamplingParams
+from internlm2_tp.engine.params import SamplingParams
 from reference import ref_greedy
 
 SPEC = dict(dtype="float32", hidden_size=192, num_attention_heads=48, num_key_value_heads=8,

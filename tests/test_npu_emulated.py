@@ -18,7 +18,7 @@ from _npu_ranks import (BLOCK, STEPS, attention_step, build, mixed_step, no_host
 from conftest import ROOT
 from internlm2_tp.attention import AttentionMetadata, TorchAttention
 from internlm2_tp.attention.npu_backend import NpuAttention
-from internlm2_tp.engine.sampler import SamplingParams
+from internlm2_tp.engine.params import SamplingParams
 from internlm2_tp.ops import TorchOps
 from internlm2_tp.ops.npu import NpuOps
 from internlm2_tp.runtime.rows import Request

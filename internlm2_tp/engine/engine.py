@@ -16,34 +16,14 @@ from typing import Any
 import torch
 
 from internlm2_tp.attention import AttentionMetadata
+from internlm2_tp.engine.config import EngineConfig
 from internlm2_tp.engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_token
 from internlm2_tp.engine.sampler import BatchSamplingState, SamplingParams, sample
-from internlm2_tp.engine.scheduler import Scheduler, SchedulerConfig
+from internlm2_tp.engine.scheduler import Scheduler
 from internlm2_tp.engine.sequence import Sequence
 from internlm2_tp.model import InternLM2Model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    block_size: int = 128             # 128 as the Ascend attention kernels expect
-    max_num_seqs: int = 256           # sequences in flight per step
-    max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
-    max_model_len: int = 0            # 0: the model's context (times the rope scaling factor)
-    enable_prefix_caching: bool = True
-    kv_cache_gb: float = 0.0          # 0: 90% of free device memory on cuda/npu, 1 GiB on cpu
-    num_kv_blocks: int = 0            # > 0 overrides kv_cache_gb (tests force preemption with it)
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_model_len", "num_kv_blocks"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"engine.{name} must be >= 0, got {getattr(self, name)}")
-        if self.kv_cache_gb < 0:
-            raise ValueError(f"engine.kv_cache_gb must be >= 0, got {self.kv_cache_gb}")
 
 
 @dataclass
@@ -110,8 +90,7 @@ class Engine:
         self.blocks = BlockManager(self.facts.num_blocks, cfg.block_size,
                                    cfg.enable_prefix_caching,
                                    mc.max_position_embeddings if dyn else None)
-        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens),
-                                   self.blocks)
+        self.scheduler = Scheduler(cfg, self.blocks)
         self.kv_caches = allocate_kv_caches(mc.num_hidden_layers, self.facts.num_blocks,
                                             cfg.block_size, model.kv_heads_local, mc.head_dim,
                                             model.dtype, model.device)

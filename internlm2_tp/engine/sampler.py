@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from internlm2_tp.engine.params import SamplingParams
+
+
 def _s64(c: int) -> int:
     """Reinterpret an unsigned 64-bit constant as a signed int64."""
     return c - (1 << 64) if c >= (1 << 63) else c
@@ -26,58 +29,6 @@ def _s64(c: int) -> int:
 _GOLDEN = _s64(0x9E3779B97F4A7C15)
 _MIX1 = _s64(0xBF58476D1CE4E5B9)
 _MIX2 = _s64(0x94D049BB133111EB)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0          # 0 -> greedy
-    top_p: float = 1.0                # (0, 1]
-    top_k: int = 0                    # 0 = off
-    repetition_penalty: float = 1.0   # HF semantics, > 0
-    seed: int = 0                     # any int64
-    ignore_eos: bool = False
-    stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()        # stop strings: handled by the engine
-
-    def __post_init__(self) -> None:
-        def bad(field: str, msg: str) -> ValueError:
-            return ValueError(f"SamplingParams.{field} {msg}, got {getattr(self, field)!r}")
-
-        def is_int(x) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        def num(x) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise bad("max_new_tokens", "must be an int >= 1")
-        if not num(self.temperature) or not 0 <= self.temperature < float("inf"):
-            raise bad("temperature", "must be a finite number >= 0")
-        if not num(self.top_p) or not 0 < self.top_p <= 1:
-            raise bad("top_p", "must be in (0, 1]")
-        if not is_int(self.top_k) or self.top_k < 0:
-            raise bad("top_k", "must be an int: 0 (off) or >= 1")
-        if not num(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
-            raise bad("repetition_penalty", "must be a finite number > 0")
-        if not is_int(self.seed) or not -(1 << 63) <= self.seed < (1 << 63):
-            raise bad("seed", "must be an int in the int64 range")
-        if not isinstance(self.ignore_eos, bool):
-            raise bad("ignore_eos", "must be a bool")
-        # Accept lists (and a bare stop string); store tuples so the dataclass stays hashable.
-        if isinstance(self.stop_token_ids, list):
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if isinstance(self.stop, (list, str)):
-            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        ids, stop = self.stop_token_ids, self.stop
-        if not isinstance(ids, tuple) or not all(is_int(i) and i >= 0 for i in ids):
-            raise bad("stop_token_ids", "must be a tuple of non-negative ints")
-        if not isinstance(stop, tuple) or not all(isinstance(x, str) and x for x in stop):
-            raise bad("stop", "must be a tuple of non-empty strings")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 # ---------------------------------------------------------------------------- RNG

@@ -28,7 +28,7 @@ from internlm2_tp.runtime import storage
 from internlm2_tp.runtime.io import InputColumns, InputRow, inputs_inside, plan_input, would_read
 from internlm2_tp.runtime.output import ShardWriter, prepare_output_dir, write_manifest
 from internlm2_tp.runtime.preflight import check_checkpoint
-from internlm2_tp.runtime.rows import Request, base_params, error_row, finished_row, to_request
+from internlm2_tp.runtime.rows import Request, error_row, finished_row, to_request
 from internlm2_tp.runtime.stream import iter_rows
 from internlm2_tp.tokenizer import Tokenizer
 
@@ -97,7 +97,7 @@ class Job:
                                  "its shards would be read as input by the rerun; choose an "
                                  "output directory outside data.input")
         self.done_ids = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg), d.overwrite)
-        self.base = base_params(cfg.generation)
+        self.base = cfg.generation.sampling_params()
         self.todo = self.plan.num_rows - (len(self.done_ids) if self.done_ids is not None else 0)
 
     def _rows(self) -> Iterator[InputRow]:

@@ -11,8 +11,7 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
-from internlm2_tp.engine.sampler import SamplingParams
-from internlm2_tp.job_config import GenerationSection
+from internlm2_tp.engine.params import SamplingParams
 from internlm2_tp.runtime.io import InputRow
 from internlm2_tp.runtime.output import OutputRow
 from internlm2_tp.tokenizer import Tokenizer
@@ -30,14 +29,6 @@ def row_seed(job_seed: int, row_id: Any) -> int:
     the same whatever batch, replica or rerun it lands in."""
     h = hashlib.blake2b(f"{job_seed}\x00{type(row_id).__name__}\x00{row_id}".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little", signed=True)
-
-
-def base_params(gen: GenerationSection) -> SamplingParams:
-    return SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                          top_p=gen.top_p, top_k=gen.top_k,
-                          repetition_penalty=gen.repetition_penalty, seed=gen.seed,
-                          ignore_eos=gen.ignore_eos, stop_token_ids=tuple(gen.stop_token_ids),
-                          stop=tuple(gen.stop))
 
 
 def error_row(row_id: Any, message: str, prompt_tokens: int = 0) -> OutputRow:

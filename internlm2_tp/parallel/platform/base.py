@@ -16,7 +16,6 @@ import torch
 
 from internlm2_tp.errors import DeviceError
 
-DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
 log = logging.getLogger(__name__)
 
 
