@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from internlm2_tp.checkpoint import IGNORED_SUFFIXES, CheckpointError, CheckpointReader
+from internlm2_tp.checkpoint import IGNORED_SUFFIXES, CheckpointReader
 from internlm2_tp.config import LAYOUTS, ModelConfig
+from internlm2_tp.errors import CheckpointError
 from internlm2_tp.model import WEIGHT_NAMES
 
 TARGETS = ("llama", "internlm2", "safetensors")
@@ -54,7 +55,7 @@ def parse_args(argv: list[str]) -> ConvertArgs:
     """`key=value` OmegaConf dotlist onto ConvertArgs; unknown keys and bad types name the key."""
     from omegaconf import OmegaConf
 
-    from internlm2_tp.job_config import JobConfigError
+    from internlm2_tp.errors import JobConfigError
 
     try:
         args = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ConvertArgs),

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from internlm2_tp.attention import AttentionMetadata
-from internlm2_tp.checkpoint import CheckpointError, CheckpointReader
+from internlm2_tp.checkpoint import CheckpointReader
 from internlm2_tp.config import ModelConfig, check_tp
+from internlm2_tp.errors import CheckpointError
 from internlm2_tp.parallel.group import TPGroup
 from internlm2_tp.parallel.layers import (MergedColumnParallelLinear, ParallelLMHead,
                                           QKVParallelLinear, RowParallelLinear, ShardedLinear,

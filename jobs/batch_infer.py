@@ -80,7 +80,7 @@ def make_ray_pool(cfg):
 def print_summary(manifest: dict, out: str) -> None:
     """A few rows and the totals, read back through the same filesystem layer as the job's
     (a local directory or an object-store prefix)."""
-    from internlm2_tp.runtime.output import head_rows
+    from internlm2_tp.runtime.output_dir import head_rows
     from internlm2_tp.runtime.storage import resolve
 
     print("\nFirst rows:")

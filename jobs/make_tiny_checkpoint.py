@@ -28,7 +28,7 @@ class Args:
 def main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
-    from internlm2_tp.job_config import JobConfigError
+    from internlm2_tp.errors import JobConfigError
 
     # `key=value` for TinySpec fields; `out=` is the destination
     keyed = [a if a.startswith("out=") else f"spec.{a}" for a in argv]

@@ -50,7 +50,7 @@ def parse(argv: list[str]) -> Args:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from internlm2_tp.job_config import JobConfigError
+    from internlm2_tp.errors import JobConfigError
 
     bad = [a for a in argv if "=" not in a]
     if bad:
@@ -73,7 +73,7 @@ def parse(argv: list[str]) -> Args:
 
 def main(argv: list[str]) -> int:
     from internlm2_tp.config import ModelConfig
-    from internlm2_tp.job_config import JobConfigError
+    from internlm2_tp.errors import JobConfigError
     from internlm2_tp.memory_plan import GiB, plan, preset
 
     args = parse(argv)

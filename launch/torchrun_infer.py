@@ -22,7 +22,8 @@ from internlm2_tp.cli import main_guard  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    from internlm2_tp.job_config import JobConfigError, load_job_config
+    from internlm2_tp.errors import JobConfigError
+    from internlm2_tp.job_config import load_job_config
     from internlm2_tp.parallel.platform import get_platform
     from internlm2_tp.runtime.driver import Job
     from internlm2_tp.runtime.torchrun_pool import TorchrunPool, follow

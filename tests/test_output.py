@@ -14,16 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from internlm2_tp.runtime import storage as storage_mod
-from internlm2_tp.runtime.output import (
-    OutputDirError,
-    OutputRow,
-    ShardWriter,
-    fingerprint_diff,
-    output_schema,
-    prepare_output_dir,
-    read_output_ids,
-    write_manifest,
-)
+from internlm2_tp.errors import OutputDirError
+from internlm2_tp.runtime.output import OutputRow, ShardWriter, output_schema
+from internlm2_tp.runtime.output_dir import (fingerprint_diff, prepare_output_dir, read_output_ids,
+                                             write_manifest)
 
 FP = {"model": {"path": "/m", "dtype": "bf16"}, "input": "in.parquet", "max_new_tokens": 32}
 REPO = Path(__file__).resolve().parents[1]

@@ -78,6 +78,13 @@ def rule_error(name: str, value: Any) -> str | None:
     return None if rule.ok(value) else rule.text
 
 
+def row_value(name: str, value: Any) -> tuple[Any, str | None]:
+    """A row's override of field `name` (a Parquet cell or a JSON value whose kind the reader has
+    checked) as SamplingParams takes it, and why it is out of range (None: fine)."""
+    value = RULES[name].kind.convert(value)
+    return value, rule_error(name, value)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256

@@ -25,8 +25,11 @@ from internlm2_tp.errors import CheckpointError, JobConfigError, JobFailed, User
 from internlm2_tp.job_config import JobConfig
 from internlm2_tp.runtime.interrupts import InterruptGuard
 from internlm2_tp.runtime import storage
-from internlm2_tp.runtime.io import InputColumns, InputRow, inputs_inside, plan_input, would_read
-from internlm2_tp.runtime.output import ShardWriter, prepare_output_dir, write_manifest
+from internlm2_tp.runtime.input_types import InputColumns, InputRow
+from internlm2_tp.runtime.io import plan_input
+from internlm2_tp.runtime.output import ShardWriter
+from internlm2_tp.runtime.output_dir import prepare_output_dir, write_manifest
+from internlm2_tp.runtime.sources import inputs_inside, would_read
 from internlm2_tp.runtime.preflight import check_checkpoint
 from internlm2_tp.runtime.rows import Request, error_row, finished_row, to_request
 from internlm2_tp.runtime.stream import iter_rows

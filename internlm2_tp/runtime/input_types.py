@@ -3,15 +3,14 @@ carried columns) and one input row. Shared by io (planning), jsonl and stream (r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from internlm2_tp.errors import InputError
+from internlm2_tp.engine.params import ROW_OVERRIDES
 
-INT_OVERRIDES = ("max_new_tokens", "top_k", "seed")
-FLOAT_OVERRIDES = ("temperature", "top_p")
-OVERRIDE_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+OVERRIDE_COLUMNS = ROW_OVERRIDES   # a row's own sampling values (engine/params.py), named as the field
 FORMATS = ("parquet", "json")
 
 
@@ -97,7 +96,7 @@ class InputRow:
     prompt: str | None
     messages: list[dict] | None
     token_ids: list[int] | None
-    overrides: dict[str, int | float]
+    overrides: dict[str, Any]              # the row's own sampling values (engine/params.py)
     error: str | None
     carry: pa.RecordBatch | None = None   # the row's carried columns (one row), if any
 

@@ -14,9 +14,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from internlm2_tp.runtime import storage
-from internlm2_tp.runtime.output_dir import (_PART, _RUN_ID, _W, JOB_FILE, LEGACY_JOB_FILE, MANIFEST_FILE,  # noqa: F401
-                                             OutputDirError, as_location, fingerprint_diff, head_rows,
-                                             prepare_output_dir, read_output_ids, write_manifest)
+from internlm2_tp.errors import OutputDirError
+from internlm2_tp.runtime.output_dir import _PART, _RUN_ID, _W, as_location
 from internlm2_tp.runtime.storage import Location
 
 FINISH_REASONS = ("stop", "length", "error")

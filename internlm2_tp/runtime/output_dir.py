@@ -26,9 +26,9 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from internlm2_tp.errors import OutputDirError
+from internlm2_tp.errors import OutputDirError, StorageError
 from internlm2_tp.runtime import storage
-from internlm2_tp.runtime.storage import Location, StorageError
+from internlm2_tp.runtime.storage import Location
 
 JOB_FILE = "_job.json"
 LEGACY_JOB_FILE = "job.json"

@@ -13,8 +13,9 @@ import logging
 
 import torch
 
-from internlm2_tp.checkpoint import CheckpointError, CheckpointReader, Range
+from internlm2_tp.checkpoint import CheckpointReader, Range
 from internlm2_tp.config import ModelConfig
+from internlm2_tp.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 META = torch.device("meta")

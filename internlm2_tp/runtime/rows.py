@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from internlm2_tp.engine.params import SamplingParams
-from internlm2_tp.runtime.io import InputRow
+from internlm2_tp.runtime.input_types import InputRow
 from internlm2_tp.runtime.output import OutputRow
 from internlm2_tp.tokenizer import Tokenizer
 
@@ -59,12 +59,8 @@ def to_request(row: InputRow, tok: Tokenizer, base: SamplingParams, vocab_size: 
         return error_row(row.id, f"row id {row.id!r}: prompt of {len(ids)} tokens does not fit "
                                  f"the context (max_model_len {max_model_len}, room for at least "
                                  f"one new token needed); prompts are not truncated", len(ids))
-    ov = row.overrides
-    try:
-        params = replace(base, seed=int(ov["seed"]) if ov.get("seed") is not None
-                         else row_seed(base.seed, row.id),
-                         **{k: ov[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k")
-                            if ov.get(k) is not None})
+    try:   # the row's own values (checked by the reader) over the job's; a seed per row
+        params = replace(base, **{"seed": row_seed(base.seed, row.id), **row.overrides})
     except ValueError as e:
         return error_row(row.id, f"row id {row.id!r}: {e}", len(ids))
     return Request(row.id, ids, params)
