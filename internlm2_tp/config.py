@@ -203,6 +203,12 @@ def tp_error(cfg: ModelConfig, tp: int) -> str | None:
     return None
 
 
+def kv_heads_per_rank(kv_heads: int, tp: int) -> int:
+    """KV heads one rank holds: its share of them, or one replicated head once tp exceeds them
+    (so the per-rank KV cache stops shrinking past tp = kv_heads)."""
+    return max(1, kv_heads // tp)
+
+
 def check_tp(cfg: ModelConfig, tp: int) -> None:
     err = tp_error(cfg, tp)
     if err:

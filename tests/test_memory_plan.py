@@ -4,6 +4,7 @@ and with the parameters InternLM2Model allocates at every valid tp."""
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import asdict
 import sys
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 from _mp import run_ranks
 from conftest import ROOT
 from internlm2_tp.config import ConfigError, ModelConfig
-from internlm2_tp.engine.engine import EngineConfig, plan_cache
+from internlm2_tp.engine.config import EngineConfig
+from internlm2_tp.engine.engine import plan_cache
 from internlm2_tp.memory_plan import GiB, plan, preset, weight_params
 from internlm2_tp.model import InternLM2Model
 from internlm2_tp.parallel.group import TPGroup
@@ -83,7 +85,7 @@ def _rank_facts(rank: int, world: int, port: int, ckpt: str) -> dict:
 
     model = build_model(rank, world, port, ckpt)          # loaded: every parameter asserted
     facts = plan_cache(model, EngineConfig(block_size=16, kv_cache_gb=KV_GB), (2,))
-    return facts.__dict__
+    return asdict(facts)
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -215,8 +215,8 @@ def test_ranks_agree_on_kv_blocks_when_their_memory_differs(ckpt) -> None:
     free = [614 << 10, 1126 << 10]
     requests = [Request(rid, p, params) for rid, p, params in engine_requests()]
     r0, r1 = run_ranks(rank_worker, 2, ckpt, requests, dict(ENGINE, num_kv_blocks=0), free)
-    assert r0["facts"]["rank_blocks"] == r1["facts"]["rank_blocks"] == (4, 7)
-    assert r0["facts"]["num_blocks"] == r1["facts"]["num_blocks"] == 4
+    assert r0["facts"].rank_blocks == r1["facts"].rank_blocks == (4, 7)
+    assert r0["facts"].num_blocks == r1["facts"].num_blocks == 4
     assert r0["stats"]["preemptions"] > 0 and r0["stats"] == r1["stats"] | {
         "busy_s": r0["stats"]["busy_s"]}
     assert len(r0["out"]) == 6 and digest(r0["out"]) == r1["out"]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from internlm2_tp.checkpoint import CheckpointReader
+from internlm2_tp.config import kv_heads_per_rank
 from internlm2_tp.ops import TorchOps, linear
 from internlm2_tp.parallel.group import TPGroup
 
@@ -159,7 +160,7 @@ class QKVParallelLinear(ShardedLinear):
         self.heads, self.kv_heads, self.head_dim, self.hidden = heads, kv_heads, head_dim, hidden
         self.g = heads // kv_heads
         self.q_local = heads // tp.size
-        self.kv_local = max(1, kv_heads // tp.size)
+        self.kv_local = kv_heads_per_rank(kv_heads, tp.size)
         self.q0 = tp.rank * self.q_local                      # first q head of this rank
         self.kv0 = self.q0 // self.g                          # first KV head of this rank
         rows = (self.q_local + 2 * self.kv_local) * head_dim

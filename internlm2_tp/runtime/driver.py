@@ -21,6 +21,7 @@ from typing import Any, Iterator, Protocol
 from tqdm import tqdm
 
 from internlm2_tp.config import ModelConfig, check_tp
+from internlm2_tp.engine.cache_plan import RuntimeFacts
 from internlm2_tp.errors import CheckpointError, JobConfigError, JobFailed, UserError
 from internlm2_tp.job_config import JobConfig
 from internlm2_tp.runtime.interrupts import InterruptGuard
@@ -142,11 +143,11 @@ class Job:
                     "rows_per_s": round(stats["rows"] / wall, 3),
                     "output_tokens_per_s": round(stats["completion_tokens"] / wall, 3),
                     "shards_written": list(writer.files),
-                    "memory_plan": f0, "config": self.cfg.to_dict()}
+                    "memory_plan": asdict(f0), "config": self.cfg.to_dict()}
         write_manifest(self.out, manifest)
         return manifest
 
-    def _start(self, pool: Pool) -> dict:
+    def _start(self, pool: Pool) -> RuntimeFacts:
         try:
             facts = pool.start()
         except (JobFailed, UserError):  # a bad checkpoint found by a rank: exit code 2
@@ -156,11 +157,11 @@ class Job:
         return facts[0]["facts"]
 
     def _loop(self, pool: Pool, writer: ShardWriter, stats: dict, bar: tqdm,
-              guard: InterruptGuard, t0: float) -> dict:
+              guard: InterruptGuard, t0: float) -> RuntimeFacts:
         cfg = self.cfg
         f0 = self._start(pool)
-        log.info("memory plan per rank: %s", _describe(f0))
-        max_len, eos = f0["max_model_len"], tuple(f0["eos_ids"])
+        log.info("memory plan per rank: %s", f0.describe())
+        max_len, eos = f0.max_model_len, f0.eos_ids
         cap = cfg.ray.inflight_per_group or 2 * cfg.engine.max_num_seqs
         return_after = max(1, cap // 4)
         rows, retry = self._rows(), deque()
@@ -249,8 +250,3 @@ def _shutdown(pool: Pool) -> None:
     except Exception as e:  # noqa: BLE001 - the job's own outcome matters more
         log.warning("pool shutdown: %s", e)
 
-
-def _describe(f: dict) -> str:
-    return (f"weights {f['weight_bytes'] / 2**30:.3f} GiB, KV {f['kv_bytes_per_token']} B/token, "
-            f"cache {f['num_blocks']} blocks x {f['block_size']} = {f['cache_tokens']} tokens, "
-            f"max_model_len {f['max_model_len']}")

@@ -98,7 +98,7 @@ class Worker:
         if s.rank == 0:
             log.info("rank 0 ready in %.1fs on %s (%s): %s", load_s, device, dtype, facts.describe())
         return {"rank": s.rank, "device": str(device), "dtype": str(dtype), "load_s": load_s,
-                "facts": facts.__dict__, "pid": os.getpid(),
+                "facts": facts, "pid": os.getpid(),
                 "checkpoint_bytes": reader.total_bytes()}
 
     def run(self, requests: list[Request], return_after: int) -> tuple[list[Finished] | str, dict]:
