@@ -78,11 +78,15 @@ class Engine:
         self.tokens_generated = 0
 
     def add_request(self, request_id: Any, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise ValueError(f"row {request_id!r}: empty prompt")
-        if len(prompt_ids) >= self.facts.max_model_len:
-            raise ValueError(f"row {request_id!r}: prompt of {len(prompt_ids)} tokens leaves no "
-                             f"room to generate within max_model_len {self.facts.max_model_len}")
+        """Queue a request. The one check of a prompt's length (prompts are never truncated): a
+        prompt that leaves no room for one new token is a ValueError naming the row."""
+        n, limit = len(prompt_ids), self.facts.max_model_len
+        if not n:
+            raise ValueError(f"row id {request_id!r}: empty prompt")
+        if n >= limit:
+            raise ValueError(f"row id {request_id!r}: prompt of {n} tokens does not fit the context "
+                             f"(max_model_len {limit}, room for at least one new token needed); "
+                             "prompts are not truncated")
         seq = Sequence(self._next_id, request_id, list(prompt_ids), params,
                        arrival=time.perf_counter())
         if params.stop and self.tokenizer is not None:

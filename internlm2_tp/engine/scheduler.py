@@ -39,9 +39,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        if self.blocks.blocks_for(seq.num_tokens + 1) > self.blocks.num_blocks:
-            raise ValueError(f"row {seq.request_id!r}: {seq.num_tokens} tokens cannot fit in a KV "
-                             f"cache of {self.blocks.num_blocks * self.blocks.block_size} tokens")
+        """The engine checked that seq fits the cache (max_model_len <= its tokens)."""
         self.waiting.append(seq)
 
     def has_work(self) -> bool:

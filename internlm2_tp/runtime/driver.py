@@ -161,7 +161,7 @@ class Job:
         cfg = self.cfg
         f0 = self._start(pool)
         log.info("memory plan per rank: %s", f0.describe())
-        max_len, eos = f0.max_model_len, f0.eos_ids
+        eos = f0.eos_ids
         cap = cfg.ray.inflight_per_group or 2 * cfg.engine.max_num_seqs
         return_after = max(1, cap // 4)
         rows, retry = self._rows(), deque()
@@ -188,7 +188,7 @@ class Job:
                     break
                 if row.carry is not None:
                     carried[row.id] = row.carry
-                r = to_request(row, self.tok, self.base, self.mcfg.vocab_size, max_len)
+                r = to_request(row, self.tok, self.base, self.mcfg.vocab_size)
                 if isinstance(r, Request):
                     out.append(r)
                 else:

@@ -1,9 +1,9 @@
 """Rows <-> engine requests: tokenizing (text, chat template or given ids), per-row sampling
 parameters, and turning finished token ids back into output rows (detokenized, stop strings cut).
 
-A row that cannot run on its own (bad prompt form, out-of-vocab ids, longer than the context)
-becomes an output row with finish_reason "error" and a message naming the row and the cause;
-the job goes on. Prompts are never truncated silently: over the context is an error row.
+A row that cannot run on its own (bad prompt form, out-of-vocab ids; longer than the context,
+which the engine checks) becomes an output row with finish_reason "error" and a message naming
+the row and the cause; the job goes on. Prompts are never truncated.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def error_row(row_id: Any, message: str, prompt_tokens: int = 0) -> OutputRow:
                      error=message)
 
 
-def to_request(row: InputRow, tok: Tokenizer, base: SamplingParams, vocab_size: int,
-               max_model_len: int) -> Request | OutputRow:
+def to_request(row: InputRow, tok: Tokenizer, base: SamplingParams,
+               vocab_size: int) -> Request | OutputRow:
     """The engine request for a row, or the error row that replaces it."""
     if row.error is not None:
         return error_row(row.id, row.error)
@@ -55,10 +55,6 @@ def to_request(row: InputRow, tok: Tokenizer, base: SamplingParams, vocab_size: 
     if bad is not None:
         return error_row(row.id, f"row id {row.id!r}: token id {bad} is outside the vocabulary "
                                  f"[0, {vocab_size})", len(ids))
-    if len(ids) >= max_model_len:
-        return error_row(row.id, f"row id {row.id!r}: prompt of {len(ids)} tokens does not fit "
-                                 f"the context (max_model_len {max_model_len}, room for at least "
-                                 f"one new token needed); prompts are not truncated", len(ids))
     try:   # the row's own values (checked by the reader) over the job's; a seed per row
         params = replace(base, **{"seed": row_seed(base.seed, row.id), **row.overrides})
     except ValueError as e:
