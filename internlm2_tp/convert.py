@@ -119,7 +119,7 @@ def _plan(reader: CheckpointReader, cfg: ModelConfig, to: str) -> list[Step]:
     for key, pats in src.items():
         for i in range(cfg.num_hidden_layers if "{i}" in pats[0] else 1):
             s, t = tuple(n.format(i=i) for n in pats), [n.format(i=i) for n in dst[key]]
-            if key == "wqkv":
+            if key.endswith("wqkv"):
                 table[s[0]] = (s, t, split_qkv if to == "llama" else merge_qkv)
             else:
                 table.update({a: ((a,), [b], list) for a, b in zip(s, t)})
