@@ -13,6 +13,7 @@ import ray
 
 from internlm2_tp.parallel.platform import cluster_kind
 from internlm2_tp.runtime.interrupts import interrupt_in
+from internlm2_tp.runtime.pool import GroupResult
 from internlm2_tp.runtime.ray_cluster import SLICE_S
 from internlm2_tp.errors import GroupFailed, PlacementTimeout
 from internlm2_tp.runtime.ray_group import RayGroup, device_resources
@@ -92,8 +93,9 @@ class RayPool:
     def submit(self, g: int, requests: list[Request], return_after: int) -> None:
         self.groups[g].submit(requests, return_after)
 
-    def wait(self) -> tuple[int, Any, dict]:
-        """The next group to answer: (group, finished rows, stats) or (group, GroupFailed, {})."""
+    def wait(self) -> GroupResult:
+        """The next group to answer: its finished rows and stats, or the GroupFailed that
+        failed it."""
         while True:
             owners = {ref: (g, r) for g, grp in enumerate(self.groups) for r, ref in grp.waiting()}
             if not owners:
@@ -105,16 +107,16 @@ class RayPool:
                     out = self.groups[g].on_ready(rank, ref)
                 except GroupFailed as e:
                     self.groups[g].kill()
-                    return g, e, {}
+                    return GroupResult(g, error=e)
                 if out is not None:
-                    return g, out[0], out[1]
+                    return GroupResult(g, finished=out[0], stats=out[1])
             now = time.monotonic()
             for g, grp in enumerate(self.groups):
                 try:
                     grp.check_health(now)
                 except GroupFailed as e:
                     grp.kill()
-                    return g, e, {}
+                    return GroupResult(g, error=e)
 
     def restart(self, g: int) -> dict:
         self.groups[g].kill()
