@@ -12,13 +12,8 @@ overwrite=true (which replaces the weight files and index it holds).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from internlm2_tp.cli import main_guard  # noqa: E402
+from internlm2_tp.cli import main_guard
 
 
 def main(argv: list[str]) -> int:

@@ -28,9 +28,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]   # the checkout whose jobs/batch_infer.py is run
 READY = re.compile(r"group (\d+) ready: \d+ rank\(s\), pids \[([\d, ]*)\]")
 
 

@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint  # noqa: E402
+from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
 
 
 @dataclass

@@ -14,11 +14,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

@@ -23,15 +23,13 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from internlm2_tp.attention import AttentionMetadata, TorchAttention, dense_metadata
+from internlm2_tp.ops import TorchOps
+from internlm2_tp.parallel.platform import CpuPlatform, NpuPlatform, Platform, get_platform
 
-from internlm2_tp.attention import AttentionMetadata, TorchAttention, dense_metadata  # noqa: E402
-from internlm2_tp.ops import TorchOps  # noqa: E402
-from internlm2_tp.parallel.platform import (CpuPlatform, NpuPlatform, Platform,  # noqa: E402
-                                            get_platform)
+ROOT = Path(__file__).resolve().parents[1]   # the checkout: conf/
 
 TOL = {torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float32: 1e-4}
 SPEC = dict(hidden_size=512, num_attention_heads=4, num_key_value_heads=2,

@@ -12,7 +12,6 @@ to the smallest.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,8 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))   # the suite's private Ray head (tests/_ray.py)
 
 
 # A fresh parent per run, so getrusage's children maximum is this driver's alone.

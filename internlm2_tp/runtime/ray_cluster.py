@@ -42,6 +42,17 @@ class ClusterTarget:
     here: bool = False    # on this machine (new, or `ray start`ed here): workers import this checkout
 
 
+def worker_runtime_env() -> dict[str, Any]:
+    """Ray's runtime_env for the job's actors: the checkout that holds the internlm2_tp package
+    this process imported goes first on their PYTHONPATH, so they run the driver's code (under
+    `ray job submit --working-dir` that is the uploaded directory)."""
+    import internlm2_tp
+
+    root = str(Path(internlm2_tp.__file__).resolve().parents[1])
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}}
+
+
 def record_path() -> Path:
     """Ray's record of the last local `ray start` (its default temp folder follows RAY_TMPDIR,
     then TMPDIR)."""
