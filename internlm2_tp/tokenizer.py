@@ -16,14 +16,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from internlm2_tp.errors import MissingFileError
-from internlm2_tp.tokenizer_files import (
-    CONFIG_FILE, MODEL_FILE, TokenizerConfig, TokenizerError, find_default_tokenizer_model,
-    special_token_ids, train_fallback_model, write_tokenizer_files,
-)
-
-__all__ = ["Tokenizer", "TokenizerConfig", "TokenizerError", "IncrementalDetokenizer",
-           "find_default_tokenizer_model", "write_tokenizer_files", "train_fallback_model"]
+from internlm2_tp.errors import MissingFileError, TokenizerError
+from internlm2_tp.tokenizer_config import CONFIG_FILE, MODEL_FILE, TokenizerConfig, special_token_ids
 
 
 class Tokenizer:

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     cfg = load_job_config(ROOT / "conf" / "batch_infer.yaml", overrides)
     demo = not cfg.model.path
     if demo:
-        from internlm2_tp.demo import prepare_demo
+        from internlm2_tp.testing.demo import prepare_demo
 
         print("No model.path given: running the embedded demo (a tiny RANDOM-WEIGHT InternLM2, "
               "so completions are gibberish).\nFor a real model: python jobs/batch_infer.py "

@@ -140,7 +140,7 @@ def prepare(s: Settings, work: Path) -> tuple[Path, Path]:
         write_prompts(data, s.rows)
     model = Path(s.model_path) if s.model_path else work / "ckpt"
     if not s.model_path and not (model / "config.json").exists():
-        from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+        from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
         write_tiny_checkpoint(model, TinySpec(dtype="float32"))
     return data, model
 

@@ -3,7 +3,7 @@
 
     python jobs/make_tiny_checkpoint.py out=DIR [hidden_size=192 num_attention_heads=48 ...]
 
-Keys are the fields of internlm2_tp.tiny.TinySpec (unknown keys are refused), e.g.
+Keys are the fields of internlm2_tp.testing.tiny.TinySpec (unknown keys are refused), e.g.
 format=bin, dtype=float32, num_shards=3, rope_scaling='{type: dynamic, factor: 2.0}'.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
 
 
 @dataclass

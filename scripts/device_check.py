@@ -160,7 +160,7 @@ def check_job(p: Platform, args: argparse.Namespace, ckpt: str, work: Path) -> t
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from internlm2_tp.demo import PROMPTS
+    from internlm2_tp.testing.demo import PROMPTS
     from internlm2_tp.job_config import load_job_config
     from internlm2_tp.runtime.driver import Job
     from internlm2_tp.runtime.torchrun_pool import TorchrunPool
@@ -214,7 +214,7 @@ def main() -> int:
                     help="NpuPlatform on CPU tensors with the torch_npu stand-in")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = ap.parse_args()
-    from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+    from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
 
     p, dtype = make_platform(args), getattr(torch, args.dtype)
     dev = p.local_device(0)

@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     from _job import write_prompts  # the tests' demo-style prompts
     from _ray import private_ray_head
 
-    from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+    from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
 
     ckpt = write_tiny_checkpoint(work / "ckpt", TinySpec(dtype="float32"))
     results = {}

@@ -141,7 +141,7 @@ def test_bad_input_refused_before_model_loads(case, ckpt, data, tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_ckpt(ckpt, tmp_path_factory):
-    from internlm2_tp.convert import convert
+    from internlm2_tp.tools.convert import convert
 
     return convert("llama", ckpt, tmp_path_factory.mktemp("llama") / "ckpt", progress=False)
 

@@ -15,7 +15,7 @@ from conftest import ROOT
 from internlm2_tp.config import ConfigError, ModelConfig
 from internlm2_tp.engine.config import EngineConfig
 from internlm2_tp.engine.engine import plan_cache
-from internlm2_tp.memory_plan import GiB, plan, preset, weight_params
+from internlm2_tp.tools.memory_plan import GiB, plan, preset, weight_params
 from internlm2_tp.model import InternLM2Model
 from internlm2_tp.parallel.group import TPGroup
 

@@ -67,7 +67,7 @@ def test_bin_and_safetensors_identical(make_ckpt):
 
 
 def test_load_rss_per_rank_tp4(tmp_path):
-    from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+    from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
 
     spec = TinySpec(dtype="float32", hidden_size=768, num_attention_heads=48,
                     num_key_value_heads=8, intermediate_size=2048, num_hidden_layers=9,

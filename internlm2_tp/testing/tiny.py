@@ -135,7 +135,7 @@ def config_json(spec: TinySpec, vocab: int) -> dict:
 
 
 def write_tiny_checkpoint(out: str | Path, spec: TinySpec | None = None) -> Path:
-    from internlm2_tp.tokenizer import write_tokenizer_files
+    from internlm2_tp.testing.tokenizer_files import write_tokenizer_files
 
     spec = spec or TinySpec()
     out = Path(out)
