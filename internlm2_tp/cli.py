@@ -10,8 +10,7 @@ import sys
 import threading
 from typing import Callable
 
-from internlm2_tp.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED,  # noqa: F401
-                                 EXIT_TERMINATED, JobFailed, UserError)
+from internlm2_tp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, JobFailed, UserError
 from internlm2_tp.runtime.interrupts import Terminated, interrupt_in
 
 

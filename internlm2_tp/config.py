@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,12 +107,6 @@ class ModelConfig:
 
     def valid_tp_degrees(self, limit: int = 64) -> list[int]:
         return [tp for tp in range(1, limit + 1) if tp_error(self, tp) is None]
-
-    def to_json_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("source")
-        d["eos_token_id"] = list(self.eos_token_id)
-        return d
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelConfig":

@@ -178,6 +178,3 @@ def load_job_config(yaml_path: str | Path | None, overrides: list[str]) -> JobCo
     assert isinstance(obj, JobConfig)
     return obj
 
-
-def section_keys(section: type) -> list[str]:
-    return [f.name for f in fields(section)]

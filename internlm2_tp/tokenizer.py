@@ -84,12 +84,6 @@ class Tokenizer:
             config = TokenizerConfig.from_json(raw, str(cfg_path))
         return cls(model, config)
 
-    @property
-    def chat_stop_ids(self) -> tuple[int, ...]:
-        """Token ids that end a chat reply: </s> and <|im_end|>."""
-        im_end = self.special_tokens.get("<|im_end|>")
-        return (self.eos_id,) if im_end is None else (self.eos_id, im_end)
-
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")

@@ -64,7 +64,6 @@ def test_real_special_tokens_single_ids(real_dir: Path, with_config: bool) -> No
     for i, s in enumerate(SPECIALS):
         assert t.encode(s, add_bos=False) == [92538 + i]
         assert t.id_to_piece(92538 + i) == s
-    assert t.chat_stop_ids == (2, 92542)
     assert t.encode("<|im_start|>user") == [1, 92543] + t.sp.encode("user")
 
 

@@ -70,8 +70,6 @@ class BatchSamplingState:
     top_k: torch.Tensor         # [B] int64, 0 = off
     penalty: torch.Tensor       # [B] float32
     seed: torch.Tensor          # [B] int64
-    max_new_tokens: torch.Tensor  # [B] int64
-    stop_ids: torch.Tensor      # [B, S] int64, padded with -1 (eos unless ignore_eos + stop_token_ids)
     all_greedy: bool
     any_greedy: bool
     max_top_k: int              # max over rows (0 if none): width of the top-k fast path
@@ -80,21 +78,17 @@ class BatchSamplingState:
     any_penalty: bool
 
     @classmethod
-    def build(cls, params: list[SamplingParams], eos_ids: tuple[int, ...] = (),
+    def build(cls, params: list[SamplingParams],
               device: torch.device | str | None = None) -> "BatchSamplingState":
         def t(vals, dtype):
             return torch.tensor(vals, dtype=dtype, device=device)
 
-        stops = [tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(eos_ids)) for p in params]
-        width = max((len(s) for s in stops), default=0)
         return cls(
             temperature=t([p.temperature for p in params], torch.float32),
             top_p=t([p.top_p for p in params], torch.float32),
             top_k=t([p.top_k for p in params], torch.int64),
             penalty=t([p.repetition_penalty for p in params], torch.float32),
             seed=t([p.seed for p in params], torch.int64),
-            max_new_tokens=t([p.max_new_tokens for p in params], torch.int64),
-            stop_ids=t([list(s) + [-1] * (width - len(s)) for s in stops], torch.int64).view(len(params), width),
             all_greedy=all(p.greedy for p in params),
             any_greedy=any(p.greedy for p in params),
             max_top_k=max((p.top_k for p in params), default=0),
@@ -220,30 +214,3 @@ def sample(logits: torch.Tensor, state: BatchSamplingState, step: torch.Tensor,
     if state.any_greedy:
         picked = torch.where(greedy, torch.argmax(logits, dim=-1), picked)
     return picked
-
-
-# ---------------------------------------------------------------------------- stopping
-def check_stop(token: int, params: SamplingParams, eos_ids: tuple[int, ...],
-               num_generated: int) -> str | None:
-    """"stop" for eos (unless ignore_eos) or a stop token id, "length" at the budget, else None."""
-    if (token in eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
-        return "stop"
-    if num_generated >= params.max_new_tokens:
-        return "length"
-    return None
-
-
-STOP_NONE, STOP_TOKEN, STOP_LENGTH = 0, 1, 2
-
-
-def check_stop_batch(tokens: torch.Tensor, state: BatchSamplingState,
-                     num_generated: torch.Tensor) -> torch.Tensor:
-    """Vectorized check_stop: [B] int64 codes STOP_NONE / STOP_TOKEN / STOP_LENGTH.
-
-    Uses ``state.stop_ids``, so the eos ids must have been passed to ``build``.
-    """
-    stop_ids = state.stop_ids.to(tokens.device)
-    hit = (stop_ids == tokens.unsqueeze(1)).any(dim=1)
-    length = num_generated.to(tokens.device) >= state.max_new_tokens.to(tokens.device)
-    code = torch.where(length, STOP_LENGTH, STOP_NONE)
-    return torch.where(hit, STOP_TOKEN, code).to(torch.int64)
