@@ -16,9 +16,11 @@ from safetensors.torch import load_file
 from _mp import run_ranks
 from _ranks import build_model, prefill_logits, rank_logits
 from internlm2_tp.config import ModelConfig
-from internlm2_tp.tools.convert import ConvertError, convert, parse_args
-from internlm2_tp.job_config import JobConfigError
+from internlm2_tp.errors import JobConfigError
 from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
+from internlm2_tp.tools.convert import ConvertError, convert, parse_args
+
+pytestmark = pytest.mark.slow   # the converter as a process, ranks as processes (gloo)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = dict(dtype="float32", hidden_size=192, num_attention_heads=48, num_key_value_heads=8,

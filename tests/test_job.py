@@ -17,6 +17,8 @@ import pytest
 from _job import MSG, job_args, read_out, run_cli, run_inprocess, write_prompts
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow   # the job under ray job submit and torchrun, and in-process jobs
+
 CKPT = dict(dtype="float32")  # the default tiny spec: 48 q / 8 KV heads, the tokenizer's vocab
 
 

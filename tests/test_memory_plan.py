@@ -88,6 +88,7 @@ def _rank_facts(rank: int, world: int, port: int, ckpt: str) -> dict:
     return asdict(facts)
 
 
+@pytest.mark.slow   # ranks as processes (gloo)
 @pytest.mark.parametrize("tp", [1, 2])
 def test_agrees_with_engine_plan_cache(make_ckpt, tp: int) -> None:
     ckpt = make_ckpt(**SPEC)

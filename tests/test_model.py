@@ -9,6 +9,8 @@ from _ranks import build_model, prefill_logits, rank_lm_head_argmax, rank_load_r
 from internlm2_tp.parallel.layers import QKVParallelLinear
 from reference import hf_llama, hf_logits
 
+pytestmark = pytest.mark.slow   # tensor-parallel ranks as processes (gloo), HF reference
+
 # 48 q heads over 8 KV heads, as the 20B; vocab 1000 is not a multiple of 16 (padding path).
 SPEC = dict(dtype="float32", hidden_size=192, num_attention_heads=48, num_key_value_heads=8,
             intermediate_size=256, num_hidden_layers=2, vocab_size=1000)
