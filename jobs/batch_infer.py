@@ -40,7 +40,6 @@ def main(argv: list[str]) -> int:
         cfg = load_job_config(ROOT / "conf" / "batch_infer.yaml", overrides + extra)
     job = Job(cfg)   # every cheap check (config, checkpoint, input, output dir) before Ray starts
     from internlm2_tp.runtime.ray_cluster import disconnect
-
     from internlm2_tp.runtime.ray_pool import RayPool
 
     try:
