@@ -2,7 +2,9 @@
 
 `load_job_config(yaml_path, overrides)` merges conf/batch_infer.yaml and `key=value` overrides
 (OmegaConf dotlist) onto the schema: unknown keys and wrong types are refused naming the key.
-Each component receives only its own section.
+Each component receives only its own section. Each value is checked by the rule its component
+keeps (engine/config.py, engine/params.py, config.py, parallel/kinds.py), all torch-free: loading
+and validating the job's configuration imports no torch.
 """
 from __future__ import annotations
 
@@ -13,12 +15,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from internlm2_tp.engine.engine import EngineConfig
-from internlm2_tp.parallel.platform import DEVICE_CHOICES
-
-
-class JobConfigError(ValueError):
-    """A bad job setting; the message names the key."""
+from internlm2_tp.config import check_dtype_setting
+from internlm2_tp.engine.config import EngineConfig
+from internlm2_tp.engine.params import SamplingParams
+from internlm2_tp.errors import JobConfigError
+from internlm2_tp.parallel.kinds import check_device
 
 
 @dataclass
@@ -27,9 +28,7 @@ class ModelSection:
     dtype: str = "auto"     # auto, float32, bfloat16, float16
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise JobConfigError(f"model.dtype must be auto, float32, bfloat16 or float16; "
-                                 f"got {self.dtype!r}")
+        check_dtype_setting(self.dtype)
 
 
 @dataclass
@@ -48,9 +47,7 @@ class ParallelSection:
             raise JobConfigError(f"parallel.tp must be >= 1, got {self.tp}")
         if self.replicas < 1:
             raise JobConfigError(f"parallel.replicas must be >= 1, got {self.replicas}")
-        if self.device not in DEVICE_CHOICES:
-            raise JobConfigError(f"parallel.device must be one of {', '.join(DEVICE_CHOICES)}; "
-                                 f"got {self.device!r}")
+        check_device(self.device)
         if self.timeout_s <= 0:
             raise JobConfigError(f"parallel.timeout_s must be > 0, got {self.timeout_s}")
         if not 120 <= self.hccl_connect_timeout <= 7200:
@@ -107,15 +104,14 @@ class GenerationSection:
     stop_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from internlm2_tp.engine.sampler import SamplingParams
         try:
-            SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                           top_p=self.top_p, top_k=self.top_k,
-                           repetition_penalty=self.repetition_penalty, seed=self.seed)
+            self.sampling_params()
         except ValueError as e:  # name the setting the user wrote, not the engine's class
             raise JobConfigError(str(e).replace("SamplingParams.", "generation.")) from e
-        if any(not s for s in self.stop):
-            raise JobConfigError("generation.stop: stop strings must be non-empty")
+
+    def sampling_params(self) -> SamplingParams:
+        """The job's sampling parameters (the fields are SamplingParams' own)."""
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 @dataclass
@@ -182,6 +178,3 @@ def load_job_config(yaml_path: str | Path | None, overrides: list[str]) -> JobCo
     assert isinstance(obj, JobConfig)
     return obj
 
-
-def section_keys(section: type) -> list[str]:
-    return [f.name for f in fields(section)]

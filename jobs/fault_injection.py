@@ -28,9 +28,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]   # the checkout whose jobs/batch_infer.py is run
 READY = re.compile(r"group (\d+) ready: \d+ rank\(s\), pids \[([\d, ]*)\]")
 
 
@@ -142,7 +140,7 @@ def prepare(s: Settings, work: Path) -> tuple[Path, Path]:
         write_prompts(data, s.rows)
     model = Path(s.model_path) if s.model_path else work / "ckpt"
     if not s.model_path and not (model / "config.json").exists():
-        from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+        from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
         write_tiny_checkpoint(model, TinySpec(dtype="float32"))
     return data, model
 

@@ -14,15 +14,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from internlm2_tp.cli import main_guard
 
-from internlm2_tp.cli import main_guard  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]   # the checkout: conf/
 
 
 def main(argv: list[str]) -> int:
-    from internlm2_tp.job_config import JobConfigError, load_job_config
+    from internlm2_tp.errors import JobConfigError
+    from internlm2_tp.job_config import load_job_config
     from internlm2_tp.parallel.platform import get_platform
     from internlm2_tp.runtime.driver import Job
     from internlm2_tp.runtime.torchrun_pool import TorchrunPool, follow
@@ -38,16 +37,11 @@ def main(argv: list[str]) -> int:
         raise JobConfigError("parallel.replicas must be 1 under torchrun (use Ray for replicas)")
     cfg.parallel.tp = world
     platform = get_platform(cfg.parallel.device)
-    device = platform.kind
     if platform.backend == "gloo" and os.environ.get("MASTER_ADDR", "127.0.0.1") in (
             "127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     ctrl = rendezvous(platform.backend, cfg.parallel.timeout_s) if world > 1 else None
-    spec = WorkerSpec(model_path=cfg.model.path, dtype=cfg.model.dtype, device=device, tp=world,
-                      rank=rank, master_addr="env", master_port=0, engine=cfg.engine,
-                      timeout_s=cfg.parallel.timeout_s,
-                      env=platform.job_env(cfg.parallel),
-                      need_tokenizer=bool(cfg.generation.stop), local_index=local)
+    spec = WorkerSpec.from_job(cfg, platform.kind, rank=rank, master_addr="env", local_index=local)
     worker = Worker(spec)
     pool = TorchrunPool(worker, ctrl)
     if rank != 0:

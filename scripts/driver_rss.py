@@ -12,7 +12,6 @@ to the smallest.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,8 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))   # the suite's private Ray head (tests/_ray.py)
 
 
 # A fresh parent per run, so getrusage's children maximum is this driver's alone.
@@ -37,7 +35,7 @@ def main(argv: list[str]) -> int:
     from _job import write_prompts  # the tests' demo-style prompts
     from _ray import private_ray_head
 
-    from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+    from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
 
     ckpt = write_tiny_checkpoint(work / "ckpt", TinySpec(dtype="float32"))
     results = {}

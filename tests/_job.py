@@ -65,10 +65,7 @@ def run_inprocess(args: list[str]) -> dict:
 
     cfg = load_job_config(ROOT / "conf" / "batch_infer.yaml", args)
     job = Job(cfg)
-    spec = WorkerSpec(model_path=cfg.model.path, dtype=cfg.model.dtype, device="cpu", tp=1,
-                      rank=0, master_addr="127.0.0.1", master_port=0, engine=cfg.engine,
-                      need_tokenizer=bool(cfg.generation.stop))
-    return job.run(TorchrunPool(Worker(spec)))
+    return job.run(TorchrunPool(Worker(WorkerSpec.from_job(cfg, "cpu"))))
 
 
 def run_job(args: list[str], capsys) -> tuple[int, str]:

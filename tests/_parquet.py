@@ -6,7 +6,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from internlm2_tp.runtime.io import InputColumns, InputRow, plan_input
+from internlm2_tp.runtime.input_types import InputColumns, InputRow
+from internlm2_tp.runtime.io import plan_input
 from internlm2_tp.runtime.stream import iter_rows
 
 COLS = InputColumns()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from internlm2_tp.parallel.device import free_port
+from internlm2_tp.parallel.group import free_port
 
 RAY_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
 

@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from internlm2_tp.parallel.device import free_port
+from internlm2_tp.parallel.group import free_port
 
 BUCKET = "lake"
 

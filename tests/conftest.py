@@ -16,7 +16,7 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
 def real_tokenizer_path() -> Path | None:
-    from internlm2_tp.tokenizer import find_default_tokenizer_model
+    from internlm2_tp.testing.tokenizer_files import find_default_tokenizer_model
 
     return find_default_tokenizer_model()
 
@@ -33,7 +33,7 @@ def real_tokenizer() -> Path:
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory: pytest.TempPathFactory):
     """make_ckpt(**TinySpec fields) -> checkpoint dir, cached per distinct spec."""
-    from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+    from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
 
     cache: dict[str, Path] = {}
 

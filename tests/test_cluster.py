@@ -27,6 +27,8 @@ from _job import job_args, read_out, run_inprocess, write_prompts
 from _ray import RAY_VARS, ray_defaults_head
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow   # Ray clusters with Ray's defaults, jobs as processes
+
 FAST = ("generation.max_new_tokens=4", "engine.block_size=16", "engine.kv_cache_gb=0.0625")
 
 

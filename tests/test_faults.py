@@ -23,6 +23,8 @@ from _procs import (alive, assert_whole_shards, cluster_rank_actors, finish, in_
 from _ray import holding_cpus
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow   # jobs on a Ray cluster, killed and rerun
+
 ROWS = 240
 FAST = ("generation.max_new_tokens=8", "data.shard_rows=20", "engine.max_num_seqs=16")
 

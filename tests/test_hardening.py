@@ -16,7 +16,8 @@ import pytest
 
 from _ckpt import INDEX, SHARD1, SHARD2, clone, edit_json, rewrite_shard
 from _job import MSG, job_args, read_out, run_inprocess, run_job, write_prompts
-from internlm2_tp.cli import EXIT_BAD_INPUT, main_guard
+from internlm2_tp.cli import main_guard
+from internlm2_tp.errors import EXIT_BAD_INPUT
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,9 @@ import pytest
 
 from _job import job_args, read_out, run_cli, run_inprocess, run_job, write_prompts
 from _procs import finish, kill_stray_jobs, start_job
-from internlm2_tp.cli import EXIT_BAD_INPUT
+from internlm2_tp.errors import EXIT_BAD_INPUT
+
+pytestmark = pytest.mark.slow   # jobs on a Ray cluster against the S3 server
 
 META = pa.struct([("src", pa.string()), ("tags", pa.list_(pa.string())), ("w", pa.float32())])
 

@@ -14,16 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from internlm2_tp.runtime import storage as storage_mod
-from internlm2_tp.runtime.output import (
-    OutputDirError,
-    OutputRow,
-    ShardWriter,
-    fingerprint_diff,
-    output_schema,
-    prepare_output_dir,
-    read_output_ids,
-    write_manifest,
-)
+from internlm2_tp.errors import OutputDirError
+from internlm2_tp.runtime.output import OutputRow, ShardWriter, output_schema
+from internlm2_tp.runtime.output_dir import (fingerprint_diff, prepare_output_dir, read_output_ids,
+                                             write_manifest)
 
 FP = {"model": {"path": "/m", "dtype": "bf16"}, "input": "in.parquet", "max_new_tokens": 32}
 REPO = Path(__file__).resolve().parents[1]
@@ -140,6 +134,7 @@ def _child(code: str, d: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(d)], env=env)
 
 
+@pytest.mark.slow   # a writer process, killed
 def test_sigkill_between_write_and_rename_leaves_only_temp(tmp_path: Path) -> None:
     d = tmp_path / "out"
     prepare_output_dir(d, FP, overwrite=False)
@@ -160,6 +155,7 @@ def test_sigkill_between_write_and_rename_leaves_only_temp(tmp_path: Path) -> No
     assert sorted(p.name for p in d.iterdir()) == ["_job.json"]
 
 
+@pytest.mark.slow   # a writer process, killed
 def test_sigkill_mid_stream_keeps_complete_shards(tmp_path: Path) -> None:
     d = tmp_path / "out"
     prepare_output_dir(d, FP, overwrite=False)
@@ -307,6 +303,7 @@ def test_old_job_json_still_resumes_and_is_renamed(tmp_path: Path) -> None:
     assert pq.read_table(tmp_path).num_rows == 3
 
 
+@pytest.mark.slow   # a Ray cluster (Ray Data), readers as processes
 def test_output_opens_as_one_dataset_in_every_reader(tmp_path: Path, ray_gcs: str) -> None:
     """The one-liners a user tries first: each reader skips _job.json, _manifest.json and a
     leftover temp file, and sees every row once with the carried columns."""

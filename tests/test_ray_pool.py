@@ -10,6 +10,8 @@ import pytest
 from _job import job_args, run_cli, write_prompts
 from _ray import holding_cpus
 
+pytestmark = pytest.mark.slow   # a Ray cluster
+
 
 @pytest.mark.parametrize("tp, replicas, nodes, want", [
     (1, 1, [2.0], 2.0),            # one rank: the whole node, as before

@@ -33,6 +33,7 @@ class Payload:
         return (os.system, (self.cmd,))
 
 
+@pytest.mark.slow   # the payload proven in a process of its own
 @pytest.mark.parametrize("layout", ["zip", "legacy", "indexed"])
 def test_malicious_bin_never_runs(layout, ckpt, tmp_path, capsys):
     marker = tmp_path / "PWNED"

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from _parquet import COLS, MSG_TYPE, all_rows, write, write_lines
-from internlm2_tp.runtime.io import InputError, plan_input
+from internlm2_tp.errors import InputError
+from internlm2_tp.runtime.io import plan_input
 from internlm2_tp.runtime.stream import iter_rows
 
 

@@ -52,16 +52,6 @@ class TPGroup:
         every = [int(v) for v in self.all_gather_object(int(value))]  # type: ignore[arg-type]
         return min(every), every
 
-    def broadcast_object(self, obj: object, src: int = 0) -> object:
-        if self.size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=src, group=self.group)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier(group=self.group)
 
 
 def init_tp_group(platform: Platform | str, rank: int, size: int, master_addr: str,

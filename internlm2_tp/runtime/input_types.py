@@ -3,18 +3,15 @@ carried columns) and one input row. Shared by io (planning), jsonl and stream (r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-INT_OVERRIDES = ("max_new_tokens", "top_k", "seed")
-FLOAT_OVERRIDES = ("temperature", "top_p")
-OVERRIDE_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+from internlm2_tp.engine.params import ROW_OVERRIDES
+
+OVERRIDE_COLUMNS = ROW_OVERRIDES   # a row's own sampling values (engine/params.py), named as the field
 FORMATS = ("parquet", "json")
-
-
-class InputError(ValueError):
-    """A job-level input problem: the job must not start."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +96,7 @@ class InputRow:
     prompt: str | None
     messages: list[dict] | None
     token_ids: list[int] | None
-    overrides: dict[str, int | float]
+    overrides: dict[str, Any]              # the row's own sampling values (engine/params.py)
     error: str | None
     carry: pa.RecordBatch | None = None   # the row's carried columns (one row), if any
 

@@ -4,21 +4,30 @@ job-level problem -> InputError before the model loads. Streaming the rows of a 
 ``runtime.stream.iter_rows``."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from internlm2_tp.engine.params import BOOLEAN, INTEGER, INTEGER_LIST, NUMBER, RULES, STRING_LIST
+from internlm2_tp.errors import InputError
 from internlm2_tp.runtime import jsonl
-from internlm2_tp.runtime.input_types import (FLOAT_OVERRIDES, INT_OVERRIDES, OVERRIDE_COLUMNS,  # noqa: F401
-                                              FileFacts, InputColumns, InputError, InputFile, InputPlan, InputRow,
-                                              id_type_ok, is_list, is_str)
+from internlm2_tp.runtime.input_types import (OVERRIDE_COLUMNS, FileFacts, InputColumns, InputFile,
+                                              InputPlan, id_type_ok, is_list, is_str)
 from internlm2_tp.runtime.output import OUTPUT_COLUMNS
-from internlm2_tp.runtime.sources import inputs_inside, resolve_input_files, would_read  # noqa: F401
+from internlm2_tp.runtime.sources import resolve_input_files
 
 _MAX_NAMED = 5
+# The Parquet column type that holds each kind of sampling value (engine/params.py), and its name.
+_ARROW_KINDS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
+    INTEGER.name: (pa.types.is_integer, "integer"),
+    NUMBER.name: (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t), "float or integer"),
+    BOOLEAN.name: (pa.types.is_boolean, "boolean"),
+    INTEGER_LIST.name: (lambda t: is_list(t) and pa.types.is_integer(t.value_type), "list<integer>"),
+    STRING_LIST.name: (lambda t: is_list(t) and is_str(t.value_type), "list<string>"),
+}
 
 
 def _check_type(name: str, col: str, t: pa.DataType, columns: InputColumns) -> None:
@@ -33,10 +42,9 @@ def _check_type(name: str, col: str, t: pa.DataType, columns: InputColumns) -> N
         expected = "list<struct<role: string, content: string>>"
     elif col == columns.token_ids:
         ok, expected = is_list(t) and pa.types.is_integer(t.value_type), "list<integer>"
-    elif col in INT_OVERRIDES:
-        ok, expected = pa.types.is_integer(t), "integer"
-    else:  # float override
-        ok, expected = pa.types.is_integer(t) or pa.types.is_floating(t), "float or integer"
+    else:  # a sampling override
+        check, expected = _ARROW_KINDS[RULES[col].kind.name]
+        ok = check(t)
     if not ok:
         raise InputError(f"{name}: column {col!r} has type {t}, expected {expected}")
 

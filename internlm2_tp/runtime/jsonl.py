@@ -18,8 +18,9 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from internlm2_tp.runtime.input_types import (INT_OVERRIDES, OVERRIDE_COLUMNS, FileFacts, InputColumns, InputError,
-                                              InputFile)
+from internlm2_tp.engine.params import RULES
+from internlm2_tp.errors import InputError
+from internlm2_tp.runtime.input_types import OVERRIDE_COLUMNS, FileFacts, InputColumns, InputFile
 from internlm2_tp.runtime.storage import STORE_ERRORS
 
 _CHUNK = 1 << 20
@@ -206,11 +207,10 @@ def row_values(obj: dict, columns: InputColumns) -> tuple[dict, dict, list[str]]
         v = obj.get(col)
         if v is None:
             continue
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if col in INT_OVERRIDES and not (number and (isinstance(v, int) or v.is_integer())):
-            errs.append(f"column {col!r} is {v!r}, expected an integer")
-        elif not number:
-            errs.append(f"column {col!r} is {json_type(v)}, expected a number")
-        else:
+        kind = RULES[col].kind
+        if kind.json_accepts(v):
             overrides[col] = v
+        else:
+            shown = repr(v) if isinstance(v, (int, float)) else json_type(v)
+            errs.append(f"column {col!r} is {shown}, expected {kind.name}")
     return forms, overrides, errs

@@ -7,32 +7,48 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from internlm2_tp.errors import OutputDirError
 from internlm2_tp.runtime import storage
-from internlm2_tp.runtime.output_dir import (_PART, _RUN_ID, _W, JOB_FILE, LEGACY_JOB_FILE, MANIFEST_FILE,  # noqa: F401
-                                             OutputDirError, as_location, fingerprint_diff, head_rows,
-                                             prepare_output_dir, read_output_ids, write_manifest)
+from internlm2_tp.runtime.output_dir import _PART, _RUN_ID, _W, as_location
 from internlm2_tp.runtime.storage import Location
 
 FINISH_REASONS = ("stop", "length", "error")
 _INT32_MAX = 2**31 - 1
-# The output columns after the id: (name, type, nullable). The one definition the schema, the
-# shard writer and the carried-column clash check derive from.
-FIELDS: tuple[tuple[str, pa.DataType, bool], ...] = (
-    ("completion", pa.string(), False),
-    ("completion_token_ids", pa.list_(pa.int32()), False),
-    ("prompt_tokens", pa.int32(), False),
-    ("completion_tokens", pa.int32(), False),
-    ("finish_reason", pa.string(), False),
-    ("error", pa.string(), True),
-)
-OUTPUT_COLUMNS = ("id", *(name for name, _, _ in FIELDS))
 
+
+def _column(arrow: pa.DataType, nullable: bool = False) -> Any:
+    """A field of OutputRow that is an output column of this Parquet type."""
+    return field(metadata={"arrow": arrow, "nullable": nullable})
+
+
+@dataclass
+class OutputRow:
+    """One output row. Its fields are the output's columns, in order, each with its Parquet type:
+    the one definition the schema, the shard writer and the carried-column clash check derive
+    from. A new column is one field here."""
+    id: int | str                     # typed as the input's ids
+    completion: str = _column(pa.string())
+    completion_token_ids: list[int] = _column(pa.list_(pa.int32()))
+    prompt_tokens: int = _column(pa.int32())
+    completion_tokens: int = _column(pa.int32())
+    finish_reason: str = _column(pa.string())
+    error: str | None = _column(pa.string(), nullable=True)
+
+    def __post_init__(self) -> None:
+        _check_row(self)
+
+
+# The output columns after the id: (name, type, nullable), and every column's name.
+FIELDS: tuple[tuple[str, pa.DataType, bool], ...] = tuple(
+    (f.name, f.metadata["arrow"], f.metadata["nullable"]) for f in fields(OutputRow) if f.metadata)
+OUTPUT_COLUMNS = tuple(f.name for f in fields(OutputRow))
 
 
 def output_schema(id_type: pa.DataType, carry: pa.Schema | None = None) -> pa.Schema:
@@ -47,38 +63,29 @@ def output_schema(id_type: pa.DataType, carry: pa.Schema | None = None) -> pa.Sc
                       *(pa.field(n, t, nullable=nl) for n, t, nl in FIELDS), *carry])
 
 
-@dataclass
-class OutputRow:
-    id: int | str
-    completion: str
-    completion_token_ids: list[int]
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    error: str | None
-
-    def __post_init__(self) -> None:
-        who = f"OutputRow id {self.id!r}"
-        if isinstance(self.id, bool) or not isinstance(self.id, (int, str)):
-            raise ValueError(f"{who}: id must be int or str")
-        if not isinstance(self.completion, str):
-            raise ValueError(f"{who}: completion must be a str, got {type(self.completion).__name__}")
-        ids = self.completion_token_ids
-        if not isinstance(ids, list) or not all(type(t) is int and 0 <= t <= _INT32_MAX for t in ids):
-            raise ValueError(f"{who}: completion_token_ids must be a list of ints in [0, 2**31)")
-        for name in ("prompt_tokens", "completion_tokens"):
-            v = getattr(self, name)
-            if type(v) is not int or not 0 <= v <= _INT32_MAX:
-                raise ValueError(f"{who}: {name} must be an int in [0, 2**31), got {v!r}")
-        if self.completion_tokens != len(ids):
-            raise ValueError(f"{who}: completion_tokens={self.completion_tokens} but "
-                             f"{len(ids)} completion_token_ids")
-        if self.finish_reason not in FINISH_REASONS:
-            raise ValueError(f"{who}: finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
-        if self.finish_reason == "error" and not (isinstance(self.error, str) and self.error):
-            raise ValueError(f"{who}: finish_reason 'error' needs a non-empty error message")
-        if self.finish_reason != "error" and self.error is not None:
-            raise ValueError(f"{who}: error must be None unless finish_reason is 'error'")
+def _check_row(row: OutputRow) -> None:
+    """Each value fits its column and the row is consistent (an error row has its message)."""
+    who = f"OutputRow id {row.id!r}"
+    if isinstance(row.id, bool) or not isinstance(row.id, (int, str)):
+        raise ValueError(f"{who}: id must be int or str")
+    if not isinstance(row.completion, str):
+        raise ValueError(f"{who}: completion must be a str, got {type(row.completion).__name__}")
+    ids = row.completion_token_ids
+    if not isinstance(ids, list) or not all(type(t) is int and 0 <= t <= _INT32_MAX for t in ids):
+        raise ValueError(f"{who}: completion_token_ids must be a list of ints in [0, 2**31)")
+    for name in ("prompt_tokens", "completion_tokens"):
+        v = getattr(row, name)
+        if type(v) is not int or not 0 <= v <= _INT32_MAX:
+            raise ValueError(f"{who}: {name} must be an int in [0, 2**31), got {v!r}")
+    if row.completion_tokens != len(ids):
+        raise ValueError(f"{who}: completion_tokens={row.completion_tokens} but "
+                         f"{len(ids)} completion_token_ids")
+    if row.finish_reason not in FINISH_REASONS:
+        raise ValueError(f"{who}: finish_reason must be one of {FINISH_REASONS}, got {row.finish_reason!r}")
+    if row.finish_reason == "error" and not (isinstance(row.error, str) and row.error):
+        raise ValueError(f"{who}: finish_reason 'error' needs a non-empty error message")
+    if row.finish_reason != "error" and row.error is not None:
+        raise ValueError(f"{who}: error must be None unless finish_reason is 'error'")
 
 
 class ShardWriter:

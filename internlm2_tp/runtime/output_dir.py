@@ -26,8 +26,9 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from internlm2_tp.errors import OutputDirError, StorageError
 from internlm2_tp.runtime import storage
-from internlm2_tp.runtime.storage import Location, StorageError
+from internlm2_tp.runtime.storage import Location
 
 JOB_FILE = "_job.json"
 LEGACY_JOB_FILE = "job.json"
@@ -37,10 +38,6 @@ _PART = re.compile(r"^part-([A-Za-z0-9_-]{1,64})-(\d{5,})\.parquet$")
 _TEMP = re.compile(r"^\.(part-[A-Za-z0-9_-]{1,64}-\d{5,}\.parquet|_?job\.json|_manifest\.json|probe)"
                    r"\.[0-9a-f]+\.tmp$")
 _W = "data.output"
-
-
-class OutputDirError(ValueError):
-    """The output directory cannot be used as asked (foreign files, other job, corrupt shards)."""
 
 
 def as_location(out: Location | str | os.PathLike) -> Location:

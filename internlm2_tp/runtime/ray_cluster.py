@@ -13,8 +13,8 @@ token auth ignores it). A local cluster the job starts keeps Ray's default, toke
 creates ~/.ray/auth_token if missing): Ray binds its GCS and raylet to the host's network
 address, not loopback. RAY_AUTH_MODE set in the environment is obeyed as it is.
 
-Ray is imported inside the functions: `ClusterError` is one of the CLI's user errors, and the
-torchrun path must not pay for importing Ray.
+Ray is imported inside the functions: the torchrun path imports this module's errors' users
+without paying for importing Ray.
 """
 from __future__ import annotations
 
@@ -29,12 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from internlm2_tp.errors import EXIT_BAD_INPUT, ClusterError
+
 log = logging.getLogger(__name__)
 SLICE_S = 0.25   # waits return to Python this often, so SIGTERM / Ctrl-C act at once
-
-
-class ClusterError(RuntimeError):
-    """The Ray cluster cannot be used (gone, silent, refusing, or too small): exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,17 @@ class ClusterTarget:
     address: str | None   # None: start a new local cluster
     source: str           # how it was found, for messages
     here: bool = False    # on this machine (new, or `ray start`ed here): workers import this checkout
+
+
+def worker_runtime_env() -> dict[str, Any]:
+    """Ray's runtime_env for the job's actors: the checkout that holds the internlm2_tp package
+    this process imported goes first on their PYTHONPATH, so they run the driver's code (under
+    `ray job submit --working-dir` that is the uploaded directory)."""
+    import internlm2_tp
+
+    root = str(Path(internlm2_tp.__file__).resolve().parents[1])
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}}
 
 
 def record_path() -> Path:
@@ -131,7 +140,6 @@ def _silent(target: ClusterTarget, timeout_s: float) -> str:
 
 
 def _give_up(message: str) -> None:
-    from internlm2_tp.cli import EXIT_BAD_INPUT
     print(f"error: {message}", file=sys.stderr, flush=True)
     os._exit(EXIT_BAD_INPUT)
 

@@ -25,6 +25,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from internlm2_tp.errors import GroupFailed, PlacementTimeout, UserError
 from internlm2_tp.parallel.group import free_port
 from internlm2_tp.parallel.platform import PLATFORMS
 from internlm2_tp.runtime.ray_placement import await_placement, check_fits, shape, wait_all
@@ -32,14 +33,6 @@ from internlm2_tp.runtime.rows import Request
 from internlm2_tp.runtime.worker import Worker, WorkerSpec, digest
 
 log = logging.getLogger(__name__)
-
-
-class GroupFailed(RuntimeError):
-    """A rank of a group died, failed or hung; the group must be rebuilt."""
-
-
-class PlacementTimeout(GroupFailed):
-    """Ray did not place the group within parallel.timeout_s: retrying would wait again."""
 
 
 def get(refs: Any, timeout_s: float) -> Any:
@@ -124,13 +117,12 @@ class RayGroup:
     def await_ready(self, refs: list[Any]) -> list[dict]:
         """Rank facts once every rank loaded its shard. A bad checkpoint found by a rank is
         re-raised as itself (a user error); anything else is GroupFailed."""
-        from internlm2_tp.cli import user_errors
         try:
             facts = get(refs, self.timeout_s)
         except Exception as e:  # noqa: BLE001
             self.kill()
             cause = getattr(e, "cause", None)
-            if isinstance(cause, user_errors()):
+            if isinstance(cause, UserError):
                 raise cause from None
             raise GroupFailed(f"group {self.index}: start failed: {_short(e)}") from e
         self.pids = [f["pid"] for f in facts]

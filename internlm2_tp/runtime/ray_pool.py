@@ -11,17 +11,17 @@ from typing import Any
 
 import ray
 
+from internlm2_tp.errors import GroupFailed, PlacementTimeout
+from internlm2_tp.job_config import JobConfig
 from internlm2_tp.parallel.platform import cluster_kind
 from internlm2_tp.runtime.interrupts import interrupt_in
-from internlm2_tp.runtime.ray_cluster import SLICE_S
-from internlm2_tp.runtime.ray_group import (GroupFailed, PlacementTimeout, RankActor, RayGroup,
-                                            device_resources)
+from internlm2_tp.runtime.pool import GroupResult
+from internlm2_tp.runtime.ray_cluster import SLICE_S, connect, worker_runtime_env
+from internlm2_tp.runtime.ray_group import RayGroup, device_resources
 from internlm2_tp.runtime.ray_placement import check_fits, cpus_per_rank, live_nodes
 from internlm2_tp.runtime.rows import Request
 from internlm2_tp.runtime.worker import WorkerSpec
 
-__all__ = ["GroupFailed", "RankActor", "RayGroup", "RayPool", "cluster_device",
-           "device_resources", "rank_cpus"]
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +52,18 @@ class RayPool:
         self.num_groups = replicas
         self.timeout_s = timeout_s
         self.start_retries = start_retries
+
+    @classmethod
+    def from_job(cls, cfg: JobConfig) -> RayPool:
+        """Join the job's cluster (ray_cluster.connect says which) and size its groups. The
+        actors of a cluster on this machine import the package this driver imported."""
+        connect(cfg.ray.address, cfg.ray.connect_timeout_s, runtime_env=worker_runtime_env())
+        par = cfg.parallel
+        device = cluster_device(par.device)
+        cpus = rank_cpus(device, par.tp, par.replicas, cfg.ray.cpus_per_worker)
+        spec = WorkerSpec.from_job(cfg, device, threads=max(1, int(cpus)) if device == "cpu" else 0)
+        return cls(spec, par.replicas, device, float(cpus), par.timeout_s,
+                   start_retries=cfg.ray.max_group_restarts)
 
     def start(self) -> list[dict]:
         bundle, _ = device_resources(self.groups[0].device, self.groups[0].cpus)
@@ -94,8 +106,9 @@ class RayPool:
     def submit(self, g: int, requests: list[Request], return_after: int) -> None:
         self.groups[g].submit(requests, return_after)
 
-    def wait(self) -> tuple[int, Any, dict]:
-        """The next group to answer: (group, finished rows, stats) or (group, GroupFailed, {})."""
+    def wait(self) -> GroupResult:
+        """The next group to answer: its finished rows and stats, or the GroupFailed that
+        failed it."""
         while True:
             owners = {ref: (g, r) for g, grp in enumerate(self.groups) for r, ref in grp.waiting()}
             if not owners:
@@ -107,16 +120,16 @@ class RayPool:
                     out = self.groups[g].on_ready(rank, ref)
                 except GroupFailed as e:
                     self.groups[g].kill()
-                    return g, e, {}
+                    return GroupResult(g, error=e)
                 if out is not None:
-                    return g, out[0], out[1]
+                    return GroupResult(g, finished=out[0], stats=out[1])
             now = time.monotonic()
             for g, grp in enumerate(self.groups):
                 try:
                     grp.check_health(now)
                 except GroupFailed as e:
                     grp.kill()
-                    return g, e, {}
+                    return GroupResult(g, error=e)
 
     def restart(self, g: int) -> dict:
         self.groups[g].kill()

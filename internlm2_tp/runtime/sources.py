@@ -8,9 +8,10 @@ from urllib.parse import unquote
 
 import pyarrow.fs as pafs
 
+from internlm2_tp.errors import InputError, StorageError
 from internlm2_tp.runtime import storage
-from internlm2_tp.runtime.input_types import InputError, InputFile, InputPlan
-from internlm2_tp.runtime.storage import Location, StorageError
+from internlm2_tp.runtime.input_types import InputFile, InputPlan
+from internlm2_tp.runtime.storage import Location
 
 EXTENSIONS = {"parquet": (".parquet", ".parq"), "json": (".jsonl", ".json", ".ndjson")}
 _COMPRESSED = (".gz", ".bz2", ".zst")

@@ -17,15 +17,12 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from internlm2_tp.errors import StorageError
 from internlm2_tp.runtime.s3 import s3_filesystem
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _MAGIC = re.compile(r"[*?[]")
 STORE_ERRORS = (OSError, pa.ArrowException)   # what pyarrow raises for a store's refusal
-
-
-class StorageError(ValueError):
-    """A store cannot be used as asked (unreachable, refused, missing bucket, no permission)."""
 
 
 @dataclass(frozen=True)

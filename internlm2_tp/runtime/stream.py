@@ -6,26 +6,16 @@ two prompt forms, nulls, bad UTF-8, out-of-range per-row overrides, a bad JSON l
 row and goes on."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from internlm2_tp.engine.params import row_value
+from internlm2_tp.errors import InputError
 from internlm2_tp.runtime import jsonl
-from internlm2_tp.runtime.input_types import (FLOAT_OVERRIDES, InputColumns, InputError, InputFile, InputPlan,
-                                              InputRow)
-
-_OVERRIDE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
-    "temperature": (lambda v: math.isfinite(v) and v >= 0, "must be finite and >= 0"),
-    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "top_k": (lambda v: v >= 0, "must be >= 0 (0 disables top-k)"),
-    "seed": (lambda v: v >= 0, "must be >= 0"),
-}
-
-
+from internlm2_tp.runtime.input_types import InputColumns, InputFile, InputPlan, InputRow
 def _pylist(arr: pa.Array) -> tuple[list[Any], set[int]]:
     """to_pylist, tolerating invalid UTF-8: bad elements become None and their index is reported."""
     try:
@@ -70,15 +60,14 @@ def _make_row(rid: int | str, forms: dict[str, Any], bad_utf8: list[str], overri
             errs.append(f"column {columns.token_ids!r} is an empty list")
         elif any(t is None or t < 0 for t in token_ids):
             errs.append(f"column {columns.token_ids!r} contains null or negative token ids")
-    clean: dict[str, int | float] = {}
+    clean: dict[str, Any] = {}
     for name, v in overrides.items():
         if v is not None:
-            v = float(v) if name in FLOAT_OVERRIDES else int(v)
-            check, rule = _OVERRIDE_RULES[name]
-            if check(v):
-                clean[name] = v
+            v, err = row_value(name, v)
+            if err:
+                errs.append(f"column {name!r}: {v} {err}")
             else:
-                errs.append(f"column {name!r}: {v} {rule}")
+                clean[name] = v
     if errs:
         return InputRow(rid, None, None, None, {}, f"row id {rid!r}: {where}" + "; ".join(errs))
     return InputRow(rid, prompt, messages, token_ids, clean, None)

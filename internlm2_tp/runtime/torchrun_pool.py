@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from internlm2_tp.errors import JobFailed
+from internlm2_tp.runtime.pool import GroupResult
 from internlm2_tp.runtime.rows import Request
 from internlm2_tp.runtime.worker import Worker
 
@@ -26,7 +28,7 @@ class TorchrunPool:
         self.worker = worker
         self.world = worker.spec.tp
         self.ctrl = ctrl_group
-        self._result: tuple[int, Any, dict] | None = None
+        self._result: GroupResult | None = None
         self._busy = False   # rank 0 is inside a run the others mirror
 
     def _bcast(self, obj: Any) -> Any:
@@ -57,18 +59,17 @@ class TorchrunPool:
         self._bcast(("run", (requests, return_after)))
         try:
             finished, stats = self.worker.run(requests, return_after)
-            self._result = (0, finished, stats)
+            self._result = GroupResult(0, finished=finished, stats=stats)
         except Exception as e:  # noqa: BLE001 - reported to the driver as a group failure
-            self._result = (0, e, {})
+            self._result = GroupResult(0, error=e)
         self._busy = False
 
-    def wait(self) -> tuple[int, Any, dict]:
+    def wait(self) -> GroupResult:
         assert self._result is not None
         r, self._result = self._result, None
         return r
 
     def restart(self, g: int) -> dict:
-        from internlm2_tp.runtime.driver import JobFailed
         raise JobFailed("a rank failed; torchrun cannot rebuild its group: rerun the same command "
                         "to resume (finished rows are saved)")
 
