@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from internlm2_tp.errors import CheckpointError
+
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
@@ -23,10 +25,6 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 Range = tuple[int, int]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint we refuse to read; the message names the file and/or tensor."""
 
 
 def _safetensors_header(path: Path) -> dict[str, dict]:

@@ -1,5 +1,6 @@
 """What every entry point does with errors: a one-line message naming the culprit, no traceback,
-distinct exit codes (2: bad input, config or checkpoint; 1: the job failed; 130: interrupted by
+distinct exit codes (errors.py: 2 for a UserError: bad input, config, checkpoint, tokenizer,
+device, store, or a Ray cluster that cannot be used; 1: the job failed; 130: interrupted by
 Ctrl-C; 143: SIGTERM). In every case finished rows are already in whole shards: rerun to resume."""
 from __future__ import annotations
 
@@ -9,26 +10,11 @@ import sys
 import threading
 from typing import Callable
 
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from internlm2_tp.checkpoint import CheckpointError
-    from internlm2_tp.config import ConfigError
-    from internlm2_tp.job_config import JobConfigError
-    from internlm2_tp.runtime.io import InputError
-    from internlm2_tp.runtime.output import OutputDirError
-    from internlm2_tp.tokenizer import TokenizerError
-
-    return (CheckpointError, ConfigError, JobConfigError, InputError, OutputDirError,
-            TokenizerError, FileNotFoundError)
+from internlm2_tp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, JobFailed, UserError
+from internlm2_tp.runtime.interrupts import Terminated, interrupt_in
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
-    from internlm2_tp.runtime.interrupts import Terminated
     raise Terminated("SIGTERM")
 
 
@@ -39,8 +25,6 @@ def main_guard(main: Callable[[list[str]], int], argv: list[str],
     code is 143. Not for torchrun ranks: one blocked in a collective could not run the handler,
     and torchrun's SIGTERM must end it at once."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from internlm2_tp.runtime.driver import JobFailed
-    from internlm2_tp.runtime.interrupts import Terminated, interrupt_in
 
     if handle_sigterm and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
@@ -62,9 +46,9 @@ def main_guard(main: Callable[[list[str]], int], argv: list[str],
         print("terminated (SIGTERM): finished rows are saved; rerun the same command to resume",
               file=sys.stderr)
         return EXIT_TERMINATED
-    except user_errors() as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return e.exit_code
     except JobFailed as e:
         print(f"job failed: {e}\nfinished rows are saved; rerun the same command to resume",
               file=sys.stderr)

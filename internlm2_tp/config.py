@@ -10,30 +10,29 @@ rms_norm_eps 1e-5, bias false, untied embeddings):
     1.8B: hidden 2048, 16 heads, 24 layers, ffn 8192
     7B:   hidden 4096, 32 heads, 32 layers, ffn 14336
     20B:  hidden 6144, 48 heads, 48 layers, ffn 16384
+
+Torch-free (torch is imported only to turn a dtype name into a torch dtype), like the job's own
+configuration: the driver and the tools read a checkpoint's facts without the model.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from internlm2_tp.errors import ConfigError, JobConfigError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+if TYPE_CHECKING:
+    import torch
+
+# The dtypes a model runs in (model.dtype, a checkpoint's torch_dtype), with their sizes.
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Architectures whose weights we can read: the native layout and the Llama layout written by
 # our converter (or InternLM's own conversion tool).
 LAYOUTS = {"InternLM2ForCausalLM": "internlm2", "LlamaForCausalLM": "llama"}
-
-
-class ConfigError(ValueError):
-    """A config.json that cannot describe a model we can run; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +85,9 @@ class ModelConfig:
             raise ConfigError(f"{where}head_dim {self.head_dim} must be even for rotary embeddings")
         if self.bias:
             raise ConfigError(f"{where}bias=true is not supported (no published InternLM2 uses it)")
-        if self.torch_dtype not in DTYPES:
-            raise ConfigError(f"{where}torch_dtype must be one of {sorted(DTYPES)}, got {self.torch_dtype!r}")
+        if self.torch_dtype not in DTYPE_BYTES:
+            raise ConfigError(f"{where}torch_dtype must be one of {sorted(DTYPE_BYTES)}, "
+                              f"got {self.torch_dtype!r}")
         if not self.rms_norm_eps > 0:
             raise ConfigError(f"{where}rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if not self.rope_theta > 0:
@@ -107,12 +107,6 @@ class ModelConfig:
 
     def valid_tp_degrees(self, limit: int = 64) -> list[int]:
         return [tp for tp in range(1, limit + 1) if tp_error(self, tp) is None]
-
-    def to_json_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("source")
-        d["eos_token_id"] = list(self.eos_token_id)
-        return d
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelConfig":
@@ -203,6 +197,12 @@ def tp_error(cfg: ModelConfig, tp: int) -> str | None:
     return None
 
 
+def kv_heads_per_rank(kv_heads: int, tp: int) -> int:
+    """KV heads one rank holds: its share of them, or one replicated head once tp exceeds them
+    (so the per-rank KV cache stops shrinking past tp = kv_heads)."""
+    return max(1, kv_heads // tp)
+
+
 def check_tp(cfg: ModelConfig, tp: int) -> None:
     err = tp_error(cfg, tp)
     if err:
@@ -221,15 +221,24 @@ def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a name of DTYPE_BYTES."""
+    import torch
+    return getattr(torch, name)
+
+
+def check_dtype_setting(name: str, key: str = "model.dtype") -> None:
+    if name != "auto" and name not in DTYPE_BYTES:
+        raise JobConfigError(f"{key} must be auto, {', '.join(DTYPE_BYTES)}; got {name!r}")
+
+
 def resolve_dtype(name: str, cfg: ModelConfig, device_type: str) -> torch.dtype:
     """`auto` takes the checkpoint's dtype, except on a CPU, where half precision is only worth
     it with native bf16: then fp16 checkpoints run in bf16 (fp16 matmul is unusably slow on
     CPUs), and without native bf16 every half-precision checkpoint runs in fp32."""
-    if name == "auto":
-        dt = DTYPES[cfg.torch_dtype]
-        if device_type != "cpu" or dt == torch.float32:
-            return dt
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    if name not in DTYPES:
-        raise ConfigError(f"model.dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
+    check_dtype_setting(name)
+    if name != "auto":
+        return torch_dtype(name)
+    if device_type != "cpu" or cfg.torch_dtype == "float32":
+        return torch_dtype(cfg.torch_dtype)
+    return torch_dtype("bfloat16" if cpu_has_fast_bf16() else "float32")

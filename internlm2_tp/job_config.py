@@ -2,7 +2,9 @@
 
 `load_job_config(yaml_path, overrides)` merges conf/batch_infer.yaml and `key=value` overrides
 (OmegaConf dotlist) onto the schema: unknown keys and wrong types are refused naming the key.
-Each component receives only its own section.
+Each component receives only its own section. Each value is checked by the rule its component
+keeps (engine/config.py, engine/params.py, config.py, parallel/kinds.py), all torch-free: loading
+and validating the job's configuration imports no torch.
 """
 from __future__ import annotations
 
@@ -13,12 +15,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from internlm2_tp.engine.engine import EngineConfig
-from internlm2_tp.parallel.platform import DEVICE_CHOICES
-
-
-class JobConfigError(ValueError):
-    """A bad job setting; the message names the key."""
+from internlm2_tp.config import check_dtype_setting
+from internlm2_tp.engine.config import EngineConfig
+from internlm2_tp.engine.params import SamplingParams
+from internlm2_tp.errors import JobConfigError
+from internlm2_tp.parallel.kinds import check_device
 
 
 @dataclass
@@ -27,9 +28,7 @@ class ModelSection:
     dtype: str = "auto"     # auto, float32, bfloat16, float16
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise JobConfigError(f"model.dtype must be auto, float32, bfloat16 or float16; "
-                                 f"got {self.dtype!r}")
+        check_dtype_setting(self.dtype)
 
 
 @dataclass
@@ -48,9 +47,7 @@ class ParallelSection:
             raise JobConfigError(f"parallel.tp must be >= 1, got {self.tp}")
         if self.replicas < 1:
             raise JobConfigError(f"parallel.replicas must be >= 1, got {self.replicas}")
-        if self.device not in DEVICE_CHOICES:
-            raise JobConfigError(f"parallel.device must be one of {', '.join(DEVICE_CHOICES)}; "
-                                 f"got {self.device!r}")
+        check_device(self.device)
         if self.timeout_s <= 0:
             raise JobConfigError(f"parallel.timeout_s must be > 0, got {self.timeout_s}")
         if not 120 <= self.hccl_connect_timeout <= 7200:
@@ -68,21 +65,30 @@ class ParallelSection:
 
 @dataclass
 class DataSection:
-    input: str = ""                       # Parquet file, directory or glob
-    output: str = ""                      # output directory (shards + manifest)
+    input: str = ""                       # path or URI (s3://, gs://, hdfs://, file://): file, dir or glob
+    output: str = ""                      # output directory or prefix, local path or URI
     id_column: str = "id"                 # row number when the column is absent
     prompt_column: str = "prompt"
     messages_column: str = "messages"
     token_ids_column: str = "prompt_token_ids"
-    batch_rows: int = 256                 # rows read from Parquet at a time
+    batch_rows: int = 256                 # rows read from the input at a time
     shard_rows: int = 1000                # rows per output shard
     overwrite: bool = False               # reuse an output dir written with another config
+    carry_columns: list[str] = field(default_factory=list)   # input columns copied to the output; ["*"]: all
+    format: str = "auto"                  # auto (by extension), parquet, json (JSON Lines)
 
     def __post_init__(self) -> None:
         if self.batch_rows < 1:
             raise JobConfigError(f"data.batch_rows must be >= 1, got {self.batch_rows}")
         if self.shard_rows < 1:
             raise JobConfigError(f"data.shard_rows must be >= 1, got {self.shard_rows}")
+        if self.format not in ("auto", "parquet", "json"):
+            raise JobConfigError(f"data.format must be auto, parquet or json; got {self.format!r}")
+        c = list(self.carry_columns)
+        if any(not isinstance(x, str) or not x for x in c) or len(set(c)) != len(c):
+            raise JobConfigError(f"data.carry_columns must be distinct non-empty names, got {c}")
+        if "*" in c and c != ["*"]:
+            raise JobConfigError(f"data.carry_columns: '*' (every input column) stands alone, got {c}")
 
 
 @dataclass
@@ -98,15 +104,14 @@ class GenerationSection:
     stop_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from internlm2_tp.engine.sampler import SamplingParams
         try:
-            SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                           top_p=self.top_p, top_k=self.top_k,
-                           repetition_penalty=self.repetition_penalty, seed=self.seed)
+            self.sampling_params()
         except ValueError as e:  # name the setting the user wrote, not the engine's class
             raise JobConfigError(str(e).replace("SamplingParams.", "generation.")) from e
-        if any(not s for s in self.stop):
-            raise JobConfigError("generation.stop: stop strings must be non-empty")
+
+    def sampling_params(self) -> SamplingParams:
+        """The job's sampling parameters (the fields are SamplingParams' own)."""
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 @dataclass
@@ -115,10 +120,13 @@ class RaySection:
     max_group_restarts: int = 3           # rebuilds of a dead tensor-parallel group before failing
     cpus_per_worker: float = 0.0        # 0: cpu ranks share the cores; 1 on devices
     inflight_per_group: int = 0           # rows queued per group; 0: 2 x engine.max_num_seqs
+    connect_timeout_s: float = 30.0       # an existing cluster must answer within this
 
     def __post_init__(self) -> None:
         if self.max_group_restarts < 0:
             raise JobConfigError("ray.max_group_restarts must be >= 0")
+        if self.connect_timeout_s <= 0:
+            raise JobConfigError(f"ray.connect_timeout_s must be > 0, got {self.connect_timeout_s}")
         # A negative queue would feed no group at all: the job would "finish" with no row done.
         for name in ("cpus_per_worker", "inflight_per_group"):
             if getattr(self, name) < 0:
@@ -148,6 +156,14 @@ def load_job_config(yaml_path: str | Path | None, overrides: list[str]) -> JobCo
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise JobConfigError(f"override {bad[0]!r} is not key=value")
+        for o in overrides:   # a value YAML cannot parse, e.g. data.carry_columns=[*]
+            try:
+                OmegaConf.from_dotlist([o])
+            except OmegaConfBaseException:
+                pass
+            except Exception as e:  # noqa: BLE001 - yaml's own errors
+                raise JobConfigError(f"override {o!r}: the value does not parse ({' '.join(str(e).split())}); "
+                                     "quote it, e.g. 'data.carry_columns=[\"*\"]'") from None
         layers.append(OmegaConf.from_dotlist(overrides))
         merged = OmegaConf.merge(*layers)
         obj = OmegaConf.to_object(merged)
@@ -162,6 +178,3 @@ def load_job_config(yaml_path: str | Path | None, overrides: list[str]) -> JobCo
     assert isinstance(obj, JobConfig)
     return obj
 
-
-def section_keys(section: type) -> list[str]:
-    return [f.name for f in fields(section)]

@@ -1,23 +1,25 @@
 """InternLM2 as a tensor-parallel model over a paged KV cache.
 
-Parameter names follow the checkpoint (`attention.wqkv`, `attention.wo`, `feed_forward.w1/w2/w3`
+Module names follow the checkpoint (`attention.wqkv`, `attention.wo`, `feed_forward.w1/w2/w3`
 with w1 and w3 stacked into one `w13` matmul, `attention_norm`, `ffn_norm`, `tok_embeddings`,
-`output`). WEIGHT_NAMES maps each parameter to its checkpoint tensor(s) in both layouts we read:
-InternLM2's own and the Llama layout our converter writes.
+`output`). WEIGHT_NAMES maps each module to its checkpoint tensor(s) in both layouts we read
+(InternLM2's own and the Llama layout our converter writes); every one of those modules has
+`load(reader, names)`, so loading is one loop over that table.
 
 The op set (norm, rotary, swiglu) and the attention backend come from the platform, chosen once
 when the model is built; the collectives are explicit calls in the decoder layer.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from internlm2_tp.attention import AttentionMetadata
-from internlm2_tp.checkpoint import CheckpointError, CheckpointReader
+from internlm2_tp.checkpoint import CheckpointReader
 from internlm2_tp.config import ModelConfig, check_tp
+from internlm2_tp.errors import CheckpointError
 from internlm2_tp.parallel.group import TPGroup
 from internlm2_tp.parallel.layers import (MergedColumnParallelLinear, ParallelLMHead,
                                           QKVParallelLinear, RowParallelLinear, ShardedLinear,
@@ -28,27 +30,30 @@ from internlm2_tp.rotary import RotaryEmbedding
 Rope = tuple[torch.Tensor, torch.Tensor]   # cos, sin [T, d] of this step's tokens
 KV = tuple[torch.Tensor, torch.Tensor]     # one layer's key and value caches
 
-# Our parameter -> checkpoint tensor name(s), per layout. "{i}" is the layer index.
+# Our module -> its checkpoint tensor name(s), per layout; "{i}" is the layer index.
 WEIGHT_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
     "internlm2": {
         "tok_embeddings": ("model.tok_embeddings.weight",),
-        "wqkv": ("model.layers.{i}.attention.wqkv.weight",),
-        "wo": ("model.layers.{i}.attention.wo.weight",),
-        "w13": ("model.layers.{i}.feed_forward.w1.weight", "model.layers.{i}.feed_forward.w3.weight"),
-        "w2": ("model.layers.{i}.feed_forward.w2.weight",),
-        "attention_norm": ("model.layers.{i}.attention_norm.weight",),
-        "ffn_norm": ("model.layers.{i}.ffn_norm.weight",),
+        "layers.{i}.attention.wqkv": ("model.layers.{i}.attention.wqkv.weight",),
+        "layers.{i}.attention.wo": ("model.layers.{i}.attention.wo.weight",),
+        "layers.{i}.feed_forward.w13": ("model.layers.{i}.feed_forward.w1.weight",
+                                        "model.layers.{i}.feed_forward.w3.weight"),
+        "layers.{i}.feed_forward.w2": ("model.layers.{i}.feed_forward.w2.weight",),
+        "layers.{i}.attention_norm": ("model.layers.{i}.attention_norm.weight",),
+        "layers.{i}.ffn_norm": ("model.layers.{i}.ffn_norm.weight",),
         "norm": ("model.norm.weight",),
         "output": ("output.weight",),
     },
     "llama": {
         "tok_embeddings": ("model.embed_tokens.weight",),
-        "wqkv": tuple(f"model.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkv"),
-        "wo": ("model.layers.{i}.self_attn.o_proj.weight",),
-        "w13": ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
-        "w2": ("model.layers.{i}.mlp.down_proj.weight",),
-        "attention_norm": ("model.layers.{i}.input_layernorm.weight",),
-        "ffn_norm": ("model.layers.{i}.post_attention_layernorm.weight",),
+        "layers.{i}.attention.wqkv": tuple(f"model.layers.{{i}}.self_attn.{p}_proj.weight"
+                                           for p in "qkv"),
+        "layers.{i}.attention.wo": ("model.layers.{i}.self_attn.o_proj.weight",),
+        "layers.{i}.feed_forward.w13": ("model.layers.{i}.mlp.gate_proj.weight",
+                                        "model.layers.{i}.mlp.up_proj.weight"),
+        "layers.{i}.feed_forward.w2": ("model.layers.{i}.mlp.down_proj.weight",),
+        "layers.{i}.attention_norm": ("model.layers.{i}.input_layernorm.weight",),
+        "layers.{i}.ffn_norm": ("model.layers.{i}.post_attention_layernorm.weight",),
         "norm": ("model.norm.weight",),
         "output": ("lm_head.weight",),
     },
@@ -63,7 +68,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(hidden, dtype=dtype, device=device),
                                    requires_grad=False)
-        self.eps, self.hidden, self.ops, self.fully_loaded = eps, hidden, ops, False
+        self.eps, self.hidden, self.ops = eps, hidden, ops
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -72,10 +77,10 @@ class RMSNorm(nn.Module):
         h = residual + x
         return self.ops.rms_norm(h, self.weight, self.eps), h
 
-    def load(self, reader: CheckpointReader, name: str) -> None:
+    def load(self, reader: CheckpointReader, names: tuple[str, ...]) -> None:
+        (name,) = names
         reader.expect_shape(name, (self.hidden,))
         self.weight.data.copy_(reader.read(name))
-        self.fully_loaded = True
 
 
 class InternLM2Attention(nn.Module):
@@ -191,40 +196,23 @@ class InternLM2Model(nn.Module):
         return self.output.argmax(local_logits, self.ops.row_max)
 
     # -- loading ------------------------------------------------------------------------------
-    def _tasks(self, reader: CheckpointReader
-               ) -> list[tuple[tuple[str, ...], nn.Module, Callable[[], None]]]:
-        names = WEIGHT_NAMES[self.cfg.layout]
-        emb_name = names["tok_embeddings"][0]
-        out_names = names["output"]
-        if self.cfg.tie_word_embeddings and not reader.has(out_names[0]):
-            out_names = (emb_name,)
-        tasks: list[tuple[tuple[str, ...], nn.Module, Callable[[], None]]] = [
-            ((emb_name,), self.tok_embeddings,
-             lambda: self.tok_embeddings.load(reader, emb_name)),
-            (names["norm"], self.norm, lambda: self.norm.load(reader, names["norm"][0])),
-            (out_names, self.output, lambda: self.output.load(reader, out_names[0])),
-        ]
-        for i, layer in enumerate(self.layers):
-            n = {k: tuple(s.format(i=i) for s in v) for k, v in names.items()}
-            att, mlp = layer.attention, layer.feed_forward
-            qkv_load = (att.wqkv.load_fused if len(n["wqkv"]) == 1 else att.wqkv.load_split)
-            tasks += [
-                (n["wqkv"], att.wqkv, lambda f=qkv_load, a=n["wqkv"]: f(reader, *a)),
-                (n["wo"], att.wo, lambda m=att.wo, a=n["wo"][0]: m.load(reader, a)),
-                (n["w13"][:1], mlp.w13, lambda m=mlp.w13, a=n["w13"][0]: m.load(reader, a, 0)),
-                (n["w13"][1:], mlp.w13, lambda m=mlp.w13, a=n["w13"][1]: m.load(reader, a, 1)),
-                (n["w2"], mlp.w2, lambda m=mlp.w2, a=n["w2"][0]: m.load(reader, a)),
-                (n["attention_norm"], layer.attention_norm,
-                 lambda m=layer.attention_norm, a=n["attention_norm"][0]: m.load(reader, a)),
-                (n["ffn_norm"], layer.ffn_norm,
-                 lambda m=layer.ffn_norm, a=n["ffn_norm"][0]: m.load(reader, a)),
-            ]
-        return tasks
+    def weight_names(self, reader: CheckpointReader) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        """Every module that loads weights, with its checkpoint tensor names (WEIGHT_NAMES of the
+        checkpoint's layout; a tied output head reads the embedding when it has no tensor)."""
+        table = dict(WEIGHT_NAMES[self.cfg.layout])
+        if self.cfg.tie_word_embeddings and not reader.has(table["output"][0]):
+            table["output"] = table["tok_embeddings"]
+        out: list[tuple[nn.Module, tuple[str, ...]]] = []
+        for path, names in table.items():
+            for i in range(self.cfg.num_hidden_layers) if "{i}" in path else (0,):
+                out.append((self.get_submodule(path.format(i=i)),
+                            tuple(n.format(i=i) for n in names)))
+        return out
 
     def load_weights(self, reader: CheckpointReader) -> None:
         """Read this rank's slices of every tensor; refuse missing or unexpected tensors."""
-        tasks = self._tasks(reader)
-        wanted = {name for names, _, _ in tasks for name in names}
+        modules = self.weight_names(reader)
+        wanted = {name for _, names in modules for name in names}
         missing = sorted(wanted - set(reader.weight_map))
         if missing:
             raise CheckpointError(f"{reader.path}: tensor {missing[0]} is missing from the "
@@ -234,16 +222,17 @@ class InternLM2Model(nn.Module):
             raise CheckpointError(f"{reader.file_of(unexpected[0])}: unexpected tensor "
                                   f"{unexpected[0]} ({len(unexpected)} unexpected in all; is this "
                                   f"an InternLM2 checkpoint of the config's shape?)")
-        # Read in file order so a .bin checkpoint maps one file at a time; each matmul weight is
-        # re-laid out (CPU) as soon as all its parts are in, its staging memory reused.
+        # In file order, so a .bin checkpoint maps one file at a time; each matmul weight is
+        # re-laid out (CPU) as soon as it is in, its staging memory reused by the next.
         pool = StagingPool()
-        for names, module, load in sorted(tasks, key=lambda t: str(reader.file_of(t[0][0]))):
-            if isinstance(module, ShardedLinear):
+        for module, names in sorted(modules, key=lambda m: str(reader.file_of(m[1][0]))):
+            sharded = isinstance(module, ShardedLinear)
+            if sharded:
                 module.stage(pool, self.ops)
-            load()
-            if isinstance(module, ShardedLinear) and module.fully_loaded:
+            module.load(reader, names)
+            if sharded:
                 module.pack(pool, self.ops)
         reader.release()
-        unloaded = [n for n, m in self.named_modules() if hasattr(m, "fully_loaded")
-                    and not m.fully_loaded]
-        assert not unloaded, f"parameters not loaded: {unloaded[:5]}"
+        loaded = {m for m, _ in modules}
+        unloaded = [n for n, m in self.named_modules() if hasattr(m, "load") and m not in loaded]
+        assert not unloaded, f"modules not loaded: {unloaded[:5]}"

@@ -16,20 +16,15 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from internlm2_tp.tokenizer_files import (
-    CONFIG_FILE, MODEL_FILE, TokenizerConfig, TokenizerError, find_default_tokenizer_model,
-    special_token_ids, train_fallback_model, write_tokenizer_files,
-)
-
-__all__ = ["Tokenizer", "TokenizerConfig", "TokenizerError", "IncrementalDetokenizer",
-           "find_default_tokenizer_model", "write_tokenizer_files", "train_fallback_model"]
+from internlm2_tp.errors import MissingFileError, TokenizerError
+from internlm2_tp.tokenizer_config import CONFIG_FILE, MODEL_FILE, TokenizerConfig, special_token_ids
 
 
 class Tokenizer:
     def __init__(self, model_file: str | Path, config: TokenizerConfig | None = None) -> None:
         path = Path(model_file)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model {path} does not exist")
+            raise MissingFileError(f"tokenizer model {path} does not exist")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
@@ -76,10 +71,10 @@ class Tokenizer:
         """Read <path>/tokenizer.model and, when present, <path>/tokenizer_config.json."""
         d = Path(path)
         if not d.is_dir():
-            raise FileNotFoundError(f"tokenizer directory {d} does not exist")
+            raise MissingFileError(f"tokenizer directory {d} does not exist")
         model, cfg_path = d / MODEL_FILE, d / CONFIG_FILE
         if not model.is_file():
-            raise FileNotFoundError(f"tokenizer model {model} does not exist")
+            raise MissingFileError(f"tokenizer model {model} does not exist")
         config = None
         if cfg_path.is_file():
             try:
@@ -88,12 +83,6 @@ class Tokenizer:
                 raise TokenizerError(f"{cfg_path}: not valid JSON ({e})") from None
             config = TokenizerConfig.from_json(raw, str(cfg_path))
         return cls(model, config)
-
-    @property
-    def chat_stop_ids(self) -> tuple[int, ...]:
-        """Token ids that end a chat reply: </s> and <|im_end|>."""
-        im_end = self.special_tokens.get("<|im_end|>")
-        return (self.eos_id,) if im_end is None else (self.eos_id, im_end)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         if not isinstance(text, str):

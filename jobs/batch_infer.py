@@ -9,16 +9,12 @@ With no model.path it runs the embedded demo (a tiny random-weight checkpoint, C
 """
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from internlm2_tp.cli import main_guard
 
-from internlm2_tp.cli import main_guard  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]   # the checkout: conf/ and the demo's output
 
 
 def main(argv: list[str]) -> int:
@@ -29,7 +25,7 @@ def main(argv: list[str]) -> int:
     cfg = load_job_config(ROOT / "conf" / "batch_infer.yaml", overrides)
     demo = not cfg.model.path
     if demo:
-        from internlm2_tp.demo import prepare_demo
+        from internlm2_tp.testing.demo import prepare_demo
 
         print("No model.path given: running the embedded demo (a tiny RANDOM-WEIGHT InternLM2, "
               "so completions are gibberish).\nFor a real model: python jobs/batch_infer.py "
@@ -43,62 +39,34 @@ def main(argv: list[str]) -> int:
             extra.append("parallel.device=cpu")
         cfg = load_job_config(ROOT / "conf" / "batch_infer.yaml", overrides + extra)
     job = Job(cfg)   # every cheap check (config, checkpoint, input, output dir) before Ray starts
-    import ray
+    from internlm2_tp.runtime.ray_cluster import disconnect
+    from internlm2_tp.runtime.ray_pool import RayPool
 
     try:
-        pool = make_ray_pool(cfg)
+        pool = RayPool.from_job(cfg)   # joins the job's cluster and sizes its groups
         manifest = job.run(pool)   # shuts the pool down (kills every actor) however it ends
     finally:
-        ray.shutdown()
-    print_summary(manifest, Path(cfg.data.output))
+        disconnect()   # and stops a cluster the job started itself
+    print_summary(manifest, cfg.data.output)
     return 0
 
 
-def make_ray_pool(cfg):
-    import ray
+def print_summary(manifest: dict, out: str) -> None:
+    """A few rows and the totals, read back through the same filesystem layer as the job's
+    (a local directory or an object-store prefix)."""
+    from internlm2_tp.runtime.output_dir import head_rows
+    from internlm2_tp.runtime.storage import resolve
 
-    from internlm2_tp.parallel.platform import PLATFORMS
-    from internlm2_tp.runtime.ray_pool import RayPool, cluster_device
-    from internlm2_tp.runtime.worker import WorkerSpec
-
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    if address in (None, "local"):
-        # None: a cluster `ray start`ed on this machine, else a new local one; "local": always a
-        # new one, stopped with the job. Either way its workers import this checkout.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}})
-    else:
-        ray.init(address=address, logging_level=logging.WARNING)
-    device = cluster_device(cfg.parallel.device)
-    ranks = cfg.parallel.tp * cfg.parallel.replicas
-    cpus = cfg.ray.cpus_per_worker or (
-        max(1, int(ray.cluster_resources().get("CPU", 1)) // ranks) if device == "cpu" else 1)
-    spec = WorkerSpec(model_path=str(Path(cfg.model.path).resolve()), dtype=cfg.model.dtype,
-                      device=device, tp=cfg.parallel.tp, rank=0, master_addr="127.0.0.1",
-                      master_port=0, engine=cfg.engine, timeout_s=cfg.parallel.timeout_s,
-                      env=PLATFORMS[device]().job_env(cfg.parallel),
-                      threads=int(cpus) if device == "cpu" else 0,
-                      need_tokenizer=bool(cfg.generation.stop))
-    return RayPool(spec, cfg.parallel.replicas, device, float(cpus), cfg.parallel.timeout_s,
-                   start_retries=cfg.ray.max_group_restarts)
-
-
-def print_summary(manifest: dict, out: Path) -> None:
-    import pyarrow.dataset as ds
-
-    parts = sorted(str(p) for p in out.glob("part-*.parquet"))
-    table = ds.dataset(parts, format="parquet").head(5) if parts else None
     print("\nFirst rows:")
-    for r in table.to_pylist() if table is not None else []:
+    for r in head_rows(out, 5):
         text = r["completion"].replace("\n", "\\n")
         print(f"  id={r['id']} {r['finish_reason']:6} {r['completion_tokens']:4} tok  "
               f"{text[:70]!r}{' ERROR: ' + r['error'] if r['error'] else ''}")
     keys = ("rows_total", "rows_this_run", "rows_done_before", "errors", "completion_tokens",
             "wall_s", "rows_per_s", "output_tokens_per_s", "group_restarts")
     print("\nSummary: " + ", ".join(f"{k}={manifest[k]}" for k in keys))
-    print(f"Output: {out}/part-*.parquet, manifest {out}/_manifest.json")
+    uri = resolve(out, "data.output").uri
+    print(f"Output: {uri}/part-*.parquet, manifest {uri}/_manifest.json")
 
 
 if __name__ == "__main__":

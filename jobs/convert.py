@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a checkpoint, streamed tensor by tensor (see internlm2_tp/convert.py).
+"""Convert a checkpoint, streamed tensor by tensor (see internlm2_tp/tools/convert.py).
 
     python jobs/convert.py to=llama input=/ckpt/internlm2-chat-7b output=/ckpt/chat-7b-llama
     python jobs/convert.py to=internlm2 input=LLAMA_DIR output=DIR
@@ -12,17 +12,12 @@ overwrite=true (which replaces the weight files and index it holds).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from internlm2_tp.cli import main_guard  # noqa: E402
+from internlm2_tp.cli import main_guard
 
 
 def main(argv: list[str]) -> int:
-    from internlm2_tp.convert import convert, parse_args
+    from internlm2_tp.tools.convert import convert, parse_args
 
     args = parse_args(argv)
     out = convert(args.to, args.input, args.output, overwrite=args.overwrite,

@@ -28,9 +28,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]   # the checkout whose jobs/batch_infer.py is run
 READY = re.compile(r"group (\d+) ready: \d+ rank\(s\), pids \[([\d, ]*)\]")
 
 
@@ -75,7 +73,8 @@ class Run:
     """One driver process; a thread follows its log for the ranks' pids."""
 
     def __init__(self, args: list[str], log_path: Path):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
+        # The cluster's authentication as this process has it (RAY_AUTH_MODE, the token).
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "batch_infer.py"), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -141,7 +140,7 @@ def prepare(s: Settings, work: Path) -> tuple[Path, Path]:
         write_prompts(data, s.rows)
     model = Path(s.model_path) if s.model_path else work / "ckpt"
     if not s.model_path and not (model / "config.json").exists():
-        from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+        from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
         write_tiny_checkpoint(model, TinySpec(dtype="float32"))
     return data, model
 
@@ -166,7 +165,10 @@ def main(argv: list[str]) -> int:
     if not address:  # a private cluster for this experiment, gone when this process exits
         import ray
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        ray.init(include_dashboard=False, logging_level="WARNING")
+        # Ray's defaults: token auth on (it sets RAY_AUTH_MODE=token here, which the drivers
+        # inherit, and creates ~/.ray/auth_token if missing), since Ray binds the cluster to the
+        # host's network address. "local": never some other cluster `ray start`ed here.
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
         address = ray.get_runtime_context().gcs_address
     common = [*job_overrides(s, model, data), f"ray.address={address}", *extra]
     report: dict = {"settings": asdict(s), "extra": extra, "events": [], "runs": []}

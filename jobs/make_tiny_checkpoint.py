@@ -3,20 +3,15 @@
 
     python jobs/make_tiny_checkpoint.py out=DIR [hidden_size=192 num_attention_heads=48 ...]
 
-Keys are the fields of internlm2_tp.tiny.TinySpec (unknown keys are refused), e.g.
+Keys are the fields of internlm2_tp.testing.tiny.TinySpec (unknown keys are refused), e.g.
 format=bin, dtype=float32, num_shards=3, rope_scaling='{type: dynamic, factor: 2.0}'.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint  # noqa: E402
+from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
 
 
 @dataclass
@@ -28,7 +23,7 @@ class Args:
 def main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
-    from internlm2_tp.job_config import JobConfigError
+    from internlm2_tp.errors import JobConfigError
 
     # `key=value` for TinySpec fields; `out=` is the destination
     keyed = [a if a.startswith("out=") else f"spec.{a}" for a in argv]

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+from internlm2_tp.cli import main_guard
+from internlm2_tp.config import DTYPE_BYTES, ModelConfig, check_dtype_setting
+from internlm2_tp.errors import JobConfigError, UserError
 
 
 @dataclass
@@ -50,8 +47,6 @@ def parse(argv: list[str]) -> Args:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from internlm2_tp.job_config import JobConfigError
-
     bad = [a for a in argv if "=" not in a]
     if bad:
         raise JobConfigError(f"argument {bad[0]!r} is not key=value")
@@ -64,17 +59,14 @@ def parse(argv: list[str]) -> Args:
     assert isinstance(args, Args)
     if bool(args.model.path) == bool(args.preset):
         raise JobConfigError("give exactly one of model.path=DIR or preset=NAME")
-    if args.dtype not in ("auto", *DTYPE_BYTES):
-        raise JobConfigError(f"dtype must be auto, float16, bfloat16 or float32; got {args.dtype!r}")
+    check_dtype_setting(args.dtype, "dtype")
     if args.device_gb <= 0:
         raise JobConfigError(f"device_gb must be > 0, got {args.device_gb}")
     return args
 
 
 def main(argv: list[str]) -> int:
-    from internlm2_tp.config import ModelConfig
-    from internlm2_tp.job_config import JobConfigError
-    from internlm2_tp.memory_plan import GiB, plan, preset
+    from internlm2_tp.tools.memory_plan import GiB, plan, preset
 
     args = parse(argv)
     try:
@@ -82,9 +74,9 @@ def main(argv: list[str]) -> int:
         dtype = cfg.torch_dtype if args.dtype == "auto" else args.dtype
         p = plan(cfg, args.parallel.tp, DTYPE_BYTES[dtype], int(args.device_gb * GiB),
                  args.utilization, args.block_size, args.max_model_len)
-    except ValueError as e:  # ConfigError included: the message names the setting
-        if type(e).__name__ == "ConfigError":
-            raise
+    except UserError:
+        raise
+    except ValueError as e:  # a plan that cannot be: the message names the setting
         raise JobConfigError(str(e)) from e
     print(f"dtype {dtype}")
     print(p.describe(tuple(args.lengths)))
@@ -92,6 +84,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from internlm2_tp.cli import main_guard
-
     sys.exit(main_guard(main, sys.argv[1:]))

@@ -10,19 +10,18 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from internlm2_tp.cli import main_guard
 
-from internlm2_tp.cli import main_guard  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]   # the checkout: conf/
 
 
 def main(argv: list[str]) -> int:
-    import torch.distributed as dist
-
-    from internlm2_tp.job_config import JobConfigError, load_job_config
+    from internlm2_tp.errors import JobConfigError
+    from internlm2_tp.job_config import load_job_config
     from internlm2_tp.parallel.platform import get_platform
     from internlm2_tp.runtime.driver import Job
     from internlm2_tp.runtime.torchrun_pool import TorchrunPool, follow
@@ -38,20 +37,11 @@ def main(argv: list[str]) -> int:
         raise JobConfigError("parallel.replicas must be 1 under torchrun (use Ray for replicas)")
     cfg.parallel.tp = world
     platform = get_platform(cfg.parallel.device)
-    device = platform.kind
     if platform.backend == "gloo" and os.environ.get("MASTER_ADDR", "127.0.0.1") in (
             "127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    if world > 1:
-        dist.init_process_group(platform.backend, init_method="env://",
-                                timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
-    # Control messages (requests, stop) travel over a CPU group whatever the device backend.
-    ctrl = dist.new_group(backend="gloo") if world > 1 and device != "cpu" else None
-    spec = WorkerSpec(model_path=cfg.model.path, dtype=cfg.model.dtype, device=device, tp=world,
-                      rank=rank, master_addr="env", master_port=0, engine=cfg.engine,
-                      timeout_s=cfg.parallel.timeout_s,
-                      env=platform.job_env(cfg.parallel),
-                      need_tokenizer=bool(cfg.generation.stop), local_index=local)
+    ctrl = rendezvous(platform.backend, cfg.parallel.timeout_s) if world > 1 else None
+    spec = WorkerSpec.from_job(cfg, platform.kind, rank=rank, master_addr="env", local_index=local)
     worker = Worker(spec)
     pool = TorchrunPool(worker, ctrl)
     if rank != 0:
@@ -66,6 +56,29 @@ def main(argv: list[str]) -> int:
     print(f"rows={manifest['rows_this_run']} errors={manifest['errors']} "
           f"output_tokens_per_s={manifest['output_tokens_per_s']} output={cfg.data.output}")
     return 0
+
+
+def rendezvous(backend: str, timeout_s: float) -> Any:
+    """Join the ranks (bounded by parallel.timeout_s) and make the control channel: a gloo
+    group of its own, so that commands never interleave with the model's collectives. The
+    joining runs on a helper thread while this one waits in slices: Ctrl-C acts at once."""
+    import torch.distributed as dist
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            dist.init_process_group(backend, init_method="env://",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+            box["ctrl"] = dist.new_group(backend="gloo")
+        except BaseException as e:  # noqa: BLE001 - raised on the main thread
+            box["error"] = e
+    t = threading.Thread(target=run, name="rendezvous", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.25)
+    if "error" in box:
+        raise box["error"]
+    return box["ctrl"]
 
 
 if __name__ == "__main__":

@@ -23,15 +23,13 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from internlm2_tp.attention import AttentionMetadata, TorchAttention, dense_metadata
+from internlm2_tp.ops import TorchOps
+from internlm2_tp.parallel.platform import CpuPlatform, NpuPlatform, Platform, get_platform
 
-from internlm2_tp.attention import AttentionMetadata, TorchAttention, dense_metadata  # noqa: E402
-from internlm2_tp.ops import TorchOps  # noqa: E402
-from internlm2_tp.parallel.platform import (CpuPlatform, NpuPlatform, Platform,  # noqa: E402
-                                            get_platform)
+ROOT = Path(__file__).resolve().parents[1]   # the checkout: conf/
 
 TOL = {torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float32: 1e-4}
 SPEC = dict(hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -162,7 +160,7 @@ def check_job(p: Platform, args: argparse.Namespace, ckpt: str, work: Path) -> t
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from internlm2_tp.demo import PROMPTS
+    from internlm2_tp.testing.demo import PROMPTS
     from internlm2_tp.job_config import load_job_config
     from internlm2_tp.runtime.driver import Job
     from internlm2_tp.runtime.torchrun_pool import TorchrunPool
@@ -188,7 +186,7 @@ def throughput(p: Platform, args: argparse.Namespace, ckpt: str) -> float:
     from internlm2_tp.checkpoint import CheckpointReader
     from internlm2_tp.config import ModelConfig
     from internlm2_tp.engine.engine import Engine, EngineConfig
-    from internlm2_tp.engine.sampler import SamplingParams
+    from internlm2_tp.engine.params import SamplingParams
     from internlm2_tp.model import InternLM2Model
     from internlm2_tp.parallel.group import TPGroup
 
@@ -216,7 +214,7 @@ def main() -> int:
                     help="NpuPlatform on CPU tensors with the torch_npu stand-in")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = ap.parse_args()
-    from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+    from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
 
     p, dtype = make_platform(args), getattr(torch, args.dtype)
     dev = p.local_device(0)

@@ -3,15 +3,15 @@
 
     python scripts/driver_rss.py rows=1000,100000
 
-Starts a private Ray head (`ray start --head` on loopback, its own temp dir, stopped alone),
-writes a tiny checkpoint and one Parquet file per row count (text prompts, chat messages and
-token ids, like the demo), runs `jobs/batch_infer.py` on each with `ray.address` set to that
-cluster, so the driver's Ray workers are not its children, and reads the driver's own peak RSS
-(getrusage in a fresh parent). Prints one line per run and the ratio of the largest to the smallest.
+Starts a private Ray head (`ray start --head` on loopback, its own temp dir and auth token,
+stopped alone), writes a tiny checkpoint and one Parquet file per row count (text prompts, chat
+messages and token ids, like the demo), runs `jobs/batch_infer.py` on each with `ray.address`
+set to that cluster, so the driver's Ray workers are not its children, and reads the driver's
+own peak RSS (getrusage in a fresh parent). Prints one line per run and the ratio of the largest
+to the smallest.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))   # the suite's private Ray head (tests/_ray.py)
 
 
 # A fresh parent per run, so getrusage's children maximum is this driver's alone.
@@ -36,12 +35,13 @@ def main(argv: list[str]) -> int:
     from _job import write_prompts  # the tests' demo-style prompts
     from _ray import private_ray_head
 
-    from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+    from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
 
     ckpt = write_tiny_checkpoint(work / "ckpt", TinySpec(dtype="float32"))
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
     results = {}
-    with private_ray_head(num_cpus=2, dashboard=False) as ray_addrs:
+    # Token auth on, with a token of its own: the head listens on the host's network address.
+    with private_ray_head(num_cpus=2, dashboard=False, auth=True) as ray_addrs:
+        env = dict(ray_addrs["env"], PYTHONPATH=str(ROOT))
         for n in counts:
             data = write_prompts(work / f"in-{n}.parquet", n)
             t = time.time()

@@ -5,5 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}" -e ".[test]"
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 exec python -m pytest -q -p no:cacheprovider "$@"

@@ -49,8 +49,9 @@ def job_args(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "engine.block_size=16", *extra]
 
 
-def run_cli(script: str, args: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
+def run_cli(script: str, args: list[str], timeout: float = 300, env_extra: dict | None = None,
+            **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled", **(env_extra or {}))
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT, **kw)
 
@@ -64,10 +65,7 @@ def run_inprocess(args: list[str]) -> dict:
 
     cfg = load_job_config(ROOT / "conf" / "batch_infer.yaml", args)
     job = Job(cfg)
-    spec = WorkerSpec(model_path=cfg.model.path, dtype=cfg.model.dtype, device="cpu", tp=1,
-                      rank=0, master_addr="127.0.0.1", master_port=0, engine=cfg.engine,
-                      need_tokenizer=bool(cfg.generation.stop))
-    return job.run(TorchrunPool(Worker(spec)))
+    return job.run(TorchrunPool(Worker(WorkerSpec.from_job(cfg, "cpu"))))
 
 
 def run_job(args: list[str], capsys) -> tuple[int, str]:

@@ -7,7 +7,7 @@ import os
 import traceback
 from typing import Any, Callable
 
-from internlm2_tp.parallel.device import free_port
+from internlm2_tp.parallel.group import free_port
 
 
 def _child(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, q: Any) -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from internlm2_tp.runtime.io import InputColumns, InputRow, plan_input
+from internlm2_tp.runtime.input_types import InputColumns, InputRow
+from internlm2_tp.runtime.io import plan_input
 from internlm2_tp.runtime.stream import iter_rows
 
 COLS = InputColumns()
@@ -19,6 +20,18 @@ def write(path: Path, data: dict, schema: pa.Schema | None = None, **kw) -> Path
     return path
 
 
-def all_rows(spec: str, cols: InputColumns = COLS, batch_rows: int = 3, skip=None) -> list[InputRow]:
-    plan = plan_input(spec, cols)
+def all_rows(spec: str, cols: InputColumns = COLS, batch_rows: int = 3, skip=None, carry=(),
+             fmt: str = "auto") -> list[InputRow]:
+    plan = plan_input(spec, cols, carry, fmt)
     return [r for batch in iter_rows(plan, cols, batch_rows, skip) for r in batch]
+
+
+def write_lines(path: Path, *lines: str | dict, compress: str = "") -> Path:
+    """A JSON Lines file: dicts are dumped, strings written as they are (bad lines)."""
+    import gzip
+    import json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join((json.dumps(x, ensure_ascii=False) if isinstance(x, dict) else x) + "\n"
+                   for x in lines).encode()
+    path.write_bytes(gzip.compress(data) if compress == "gz" else data)
+    return path

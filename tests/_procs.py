@@ -106,7 +106,7 @@ def assert_whole_shards(out: Path, total: int) -> int:
     """Only our files, no temp file, no manifest (the job did not finish), every shard whole;
     returns the rows saved (some, not all: the job was stopped mid-run)."""
     names = sorted(p.name for p in out.iterdir())
-    assert all(n == "job.json" or (n.startswith("part-") and n.endswith(".parquet"))
+    assert all(n == "_job.json" or (n.startswith("part-") and n.endswith(".parquet"))
                for n in names), names
     rows = sum(pq.read_table(out / n).num_rows for n in names if n.startswith("part-"))
     assert 0 < rows < total, "the signal should land mid-run"

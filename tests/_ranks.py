@@ -10,7 +10,7 @@ from internlm2_tp.attention import dense_metadata
 from internlm2_tp.checkpoint import CheckpointReader
 from internlm2_tp.config import ModelConfig
 from internlm2_tp.model import InternLM2Model
-from internlm2_tp.parallel.device import destroy_tp_group, init_tp_group
+from internlm2_tp.parallel.group import destroy_tp_group, init_tp_group
 
 
 def build_model(rank: int, world: int, port: int, ckpt: str | Path,

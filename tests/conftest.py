@@ -8,12 +8,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The suite's own Ray clusters run without token auth (private, stopped with the session), and an
+# in-process `ray.init()` must not create a token in the shared ~/.ray. Tests of Ray's defaults
+# (tests/test_cluster.py) build their environment without it, in a private HOME.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
 def real_tokenizer_path() -> Path | None:
-    from internlm2_tp.tokenizer import find_default_tokenizer_model
+    from internlm2_tp.testing.tokenizer_files import find_default_tokenizer_model
 
     return find_default_tokenizer_model()
 
@@ -30,7 +33,7 @@ def real_tokenizer() -> Path:
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory: pytest.TempPathFactory):
     """make_ckpt(**TinySpec fields) -> checkpoint dir, cached per distinct spec."""
-    from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+    from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
 
     cache: dict[str, Path] = {}
 
@@ -64,3 +67,25 @@ def ray_head():
 
     with private_ray_head(num_cpus=2, dashboard=True) as addrs:
         yield addrs
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's standalone server) on loopback, for the session."""
+    from _s3 import moto_server
+
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch: pytest.MonkeyPatch):
+    """The server's credentials and endpoint in this test's environment (AWS_* variables, as a
+    user sets them), and a fresh prefix of its bucket."""
+    import secrets
+
+    from _s3 import S3Prefix
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    return S3Prefix(s3_server, f"t-{secrets.token_hex(4)}")

@@ -12,7 +12,7 @@ from _ranks import build_model
 from internlm2_tp.checkpoint import CheckpointError, CheckpointReader
 from internlm2_tp.config import ConfigError, ModelConfig, check_tp
 from internlm2_tp.model import InternLM2Model
-from internlm2_tp.parallel.device import TPGroup
+from internlm2_tp.parallel.group import TPGroup
 
 SPEC = dict(dtype="float32", hidden_size=96, num_attention_heads=48, num_key_value_heads=8,
             intermediate_size=64, num_hidden_layers=2, vocab_size=512)

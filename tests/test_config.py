@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from internlm2_tp import config as config_mod
-from internlm2_tp.config import ConfigError, ModelConfig, cpu_has_fast_bf16, resolve_dtype
+from internlm2_tp.config import ModelConfig, cpu_has_fast_bf16, resolve_dtype
+from internlm2_tp.errors import JobConfigError
 
 BASE = dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, intermediate_size=512,
             num_hidden_layers=1, vocab_size=100, rms_norm_eps=1e-5, rope_theta=1e6,
@@ -40,5 +41,5 @@ def test_auto_dtype_on_cpu(monkeypatch: pytest.MonkeyPatch, fast: bool) -> None:
 
 
 def test_bad_dtype_named() -> None:
-    with pytest.raises(ConfigError, match="model.dtype"):
+    with pytest.raises(JobConfigError, match="model.dtype"):
         resolve_dtype("int8", cfg("float32"), "cpu")

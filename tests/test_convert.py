@@ -16,9 +16,11 @@ from safetensors.torch import load_file
 from _mp import run_ranks
 from _ranks import build_model, prefill_logits, rank_logits
 from internlm2_tp.config import ModelConfig
-from internlm2_tp.convert import ConvertError, convert, parse_args
-from internlm2_tp.job_config import JobConfigError
-from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+from internlm2_tp.errors import JobConfigError
+from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
+from internlm2_tp.tools.convert import ConvertError, convert, parse_args
+
+pytestmark = pytest.mark.slow   # the converter as a process, ranks as processes (gloo)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = dict(dtype="float32", hidden_size=192, num_attention_heads=48, num_key_value_heads=8,
@@ -157,7 +159,7 @@ def test_streaming_memory(tmp_path, capsys, fmt, to):
     assert size >= 300e6
     code = f"""
 import json, sys
-from internlm2_tp.convert import convert
+from internlm2_tp.tools.convert import convert
 def kib(field):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field + ':'))
 open('/proc/self/clear_refs', 'w').write('5')

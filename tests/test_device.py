@@ -161,7 +161,7 @@ def test_ray_actor_npu_mapping() -> None:
 
 def test_hccl_env_and_npu_resources() -> None:
     from internlm2_tp.job_config import JobConfigError, ParallelSection, load_job_config
-    from internlm2_tp.runtime.ray_pool import device_resources
+    from internlm2_tp.runtime.ray_group import device_resources
 
     assert ParallelSection().hccl_env() == {"HCCL_CONNECT_TIMEOUT": "120",
                                             "HCCL_EXEC_TIMEOUT": "1836", "HCCL_BUFFSIZE": "200"}

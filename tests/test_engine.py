@@ -6,11 +6,14 @@ import torch
 
 from _mp import run_ranks
 from _ranks import build_model, prefill_logits, rank_generate
-from internlm2_tp.engine.sampler import SamplingParams
+from internlm2_tp.engine.params import SamplingParams
 from reference import ref_greedy
+
+pytestmark = pytest.mark.slow   # the engine on ranks as processes (gloo)
 
 SPEC = dict(dtype="float32", hidden_size=192, num_attention_heads=48, num_key_value_heads=8,
             intermediate_size=256, num_hidden_layers=2, vocab_size=1000)
+
 LENGTHS = [3, 45, 7, 20, 33, 5, 12, 28]
 NEW = [12, 6, 20, 9, 15, 17, 8, 11]
 # Tiny cache (forces preemption), few sequences in flight (rows join while others decode),

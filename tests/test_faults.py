@@ -1,12 +1,15 @@
 """Killed drivers and workers lose no row and duplicate none; Ctrl-C / SIGTERM leave whole
-shards and no process behind; a hung rank is noticed within parallel.timeout_s (issues 4, 7)."""
+shards and no process behind, within seconds wherever the driver waits (a pending group, ranks
+loading, mid-run); a hung rank is noticed within parallel.timeout_s (issues 4, 7, 14)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +20,10 @@ import pytest
 from _job import job_args, read_out, run_cli, run_inprocess, write_prompts
 from _procs import (alive, assert_whole_shards, cluster_rank_actors, finish, in_group,
                     is_rank_actor, kill_stray_jobs, start_job, wait_for_parts)
+from _ray import holding_cpus
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow   # jobs on a Ray cluster, killed and rerun
 
 ROWS = 240
 FAST = ("generation.max_new_tokens=8", "data.shard_rows=20", "engine.max_num_seqs=16")
@@ -134,8 +140,10 @@ def test_ctrl_c_keeps_whole_shards_and_leaves_no_process(ray_gcs, ckpt, data, re
     tree = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     assert any(is_rank_actor(p) for p in tree)
     os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.time()
     log, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, log[-3000:]
+    print(f"Ctrl-C mid-run, own local Ray: exit {proc.returncode} {time.time() - t0:.1f}s after")
+    assert proc.returncode == 130 and time.time() - t0 < 20, log[-3000:]
     assert "interrupted: finished rows are saved" in log and "Traceback" not in log, log[-3000:]
     assert_whole_shards(out, ROWS)
     assert alive(tree) == [] and in_group(proc.pid) == []
@@ -155,12 +163,67 @@ def test_sigterm_exits_143_and_kills_its_actors(ray_gcs, ckpt, data, tmp_path):
     actors = cluster_rank_actors(ray_gcs)
     assert len(actors) == 2, actors
     proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
     log, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, log[-3000:]
+    print(f"SIGTERM mid-run: exit {proc.returncode} {time.time() - t0:.1f}s after")
+    assert proc.returncode == 143 and time.time() - t0 < 20, log[-3000:]
     assert "terminated (SIGTERM)" in log and "Traceback" not in log, log[-3000:]
     assert_whole_shards(out, ROWS)
     read_out(out)   # no id twice; resuming is the same as after Ctrl-C (the test above)
     assert alive(actors) == []
+
+
+class Follow:
+    """The job's output lines as they come, on a thread."""
+
+    def __init__(self, proc):
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        end = time.time() + timeout
+        while not any(text in x for x in list(self.lines)):
+            if self.proc.poll() is not None or time.time() > end:
+                pytest.fail(f"no {text!r} (rc {self.proc.poll()}):\n{''.join(self.lines)[-3000:]}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        self.thread.join(timeout=30)
+        return "".join(self.lines)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("phase", ["pending", "loading"])
+def test_stop_signal_before_the_first_row(phase, sig, ray_head, ckpt, data, tmp_path):
+    """SIGTERM / Ctrl-C while the group waits to be placed (another driver holds the cores) or
+    while its ranks load: exit 143 / 130 within 20 s (the driver used to sit out its whole wait),
+    no shard or temp file, and no rank of the job left."""
+    out = tmp_path / "out"
+    args = job_args(ckpt, data, out, *FAST, f"ray.address={ray_head['gcs']}", "parallel.tp=2")
+    with holding_cpus(ray_head, 2) if phase == "pending" else contextlib.nullcontext():
+        proc = start_job(args)
+        follow = Follow(proc)
+        if phase == "pending":
+            follow.wait_for("pending for")
+            actors: list[int] = []
+        else:
+            follow.wait_for("placed: starting 2 rank(s)")
+            end = time.time() + 120
+            while len(actors := cluster_rank_actors(ray_head["gcs"])) < 2 and time.time() < end:
+                time.sleep(0.05)
+            assert len(actors) == 2, actors
+        loaded = any("ready:" in x for x in list(follow.lines))
+        proc.send_signal(sig)
+        t0 = time.time()
+        proc.wait(timeout=120)
+    wall, log = time.time() - t0, follow.log()
+    print(f"{sig.name} while {phase}: exit {proc.returncode} {wall:.1f}s after")
+    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), log[-3000:]
+    assert wall < 20 and not loaded and "Traceback" not in log, log[-3000:]
+    assert ("terminated (SIGTERM)" if sig == signal.SIGTERM else "interrupted:") in log
+    assert sorted(p.name for p in out.iterdir()) == ["_job.json"]   # nothing half-written
+    assert alive(actors) == [] and cluster_rank_actors(ray_head["gcs"]) == []
 
 
 # -- timeouts: a hung rank ---------------------------------------------------------------------
@@ -200,3 +263,32 @@ def test_hung_rank_fails_the_job_within_timeout(ray_gcs, ckpt, data, reference, 
     finish(start_job(args))
     assert {k: r["completion_token_ids"] for k, r in read_out(out).items()} == reference
     assert alive(cluster_rank_actors(ray_gcs)) == []
+
+
+def test_sigterm_to_torchrun_mid_run(ckpt, data, tmp_path):
+    """SIGTERM to torchrun (what Slurm and Kubernetes send its main process): torchrun passes it
+    to the ranks; rank 0 flushes whole shards and reports it, and every process of the job is
+    gone within 20 s (torchrun itself exits 1, its own verdict on a signalled worker)."""
+    import subprocess
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         str(ROOT / "launch" / "torchrun_infer.py"), *job_args(ckpt, data, out, *FAST)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+    try:
+        wait_for_parts(out, 2, proc)
+        tree = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        log, _ = proc.communicate(timeout=120)
+        wall = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(f"SIGTERM to torchrun mid-run: exit {proc.returncode} {wall:.1f}s after")
+    assert "terminated (SIGTERM): finished rows are saved" in log, log[-3000:]
+    assert wall < 20 and len(tree) >= 2 and alive(tree) == [] and in_group(proc.pid) == []
+    assert_whole_shards(out, ROWS)
+    read_out(out)

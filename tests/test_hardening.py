@@ -16,7 +16,8 @@ import pytest
 
 from _ckpt import INDEX, SHARD1, SHARD2, clone, edit_json, rewrite_shard
 from _job import MSG, job_args, read_out, run_inprocess, run_job, write_prompts
-from internlm2_tp.cli import EXIT_BAD_INPUT, main_guard
+from internlm2_tp.cli import main_guard
+from internlm2_tp.errors import EXIT_BAD_INPUT
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,11 @@ def _two_files(e: Env, a: dict, b: dict) -> str:
 
 def _data(e: Env, **cols) -> str:
     return f"data.input={e.parquet('bad.parquet', cols)}"
+
+
+def _lines(e: Env, *lines: str) -> str:
+    (e.tmp / "x.jsonl").write_text("\n".join(lines) + "\n")
+    return f"data.input={e.tmp / 'x.jsonl'}"
 
 
 def _other_job(e: Env) -> str:
@@ -114,6 +120,21 @@ MATRIX: list[tuple[str, Callable[[Env], str], str]] = [
      "none of the prompt columns ['prompt', 'messages', 'prompt_token_ids'] is present"),
     ("missing input", lambda e: f"data.input={e.tmp / 'nope.parquet'}",
      "nope.parquet': no such file"),
+    # -- issue 16: carried columns, formats, URIs ------------------------------------------------
+    ("carried column clashes with an output column", lambda e: _data(e, id=[1], prompt=["a"], completion=["x"])
+     + " data.carry_columns=[completion]", "input column 'completion' clashes with an output column"),
+    ("carried column missing from a file", lambda e: "data.carry_columns=[lang]",
+     "good.parquet: carried column 'lang' (data.carry_columns) is missing"),
+    ("unknown data.format", lambda e: "data.format=csv", "data.format must be auto, parquet or json"),
+    ("carry_columns=[*] unquoted", lambda e: "data.carry_columns=[*]",
+     "override 'data.carry_columns=[*]': the value does not parse"),
+    ("JSON line whose id cannot be read", lambda e: _lines(e, '{"id": 1, "prompt": "a"}', "garbage"),
+     "x.jsonl: line 2 is not valid JSON and its 'id' cannot be read"),
+    ("JSON ids of two types", lambda e: _lines(e, '{"id": 1, "prompt": "a"}', '{"id": "1", "prompt": "b"}'),
+     "x.jsonl: line 2: id '1' is a string but earlier ids are integers"),
+    ("credentials in an s3 URI", lambda e: "data.output=s3://bkt/out?secret_key=hunter2",
+     "data.output s3://bkt/out: credentials in the URI (['secret_key'])"),
+    ("unknown s3 URI option", lambda e: "data.input=s3://bkt/in?endpoint=x", "unknown URI option(s) ['endpoint']"),
     # -- config ---------------------------------------------------------------------------------
     ("unknown key", lambda e: "generation.max_tokens=3", "generation.max_tokens"),
     ("wrong type", lambda e: "parallel.tp=two", "parallel.tp"),
@@ -221,7 +242,7 @@ def row_run(ckpt, tmp_path_factory) -> tuple[int, dict]:
                     job_args(ckpt, tmp / "rows.parquet", out, "engine.max_model_len=256",
                              "data.shard_rows=5"))
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("part-")) == \
-        ["_manifest.json", "job.json"]   # and no temp file
+        ["_job.json", "_manifest.json"]   # and no temp file
     return rc, read_out(out)             # read_out: every id at most once
 
 

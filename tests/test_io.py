@@ -6,32 +6,38 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from _parquet import COLS, MSG_TYPE, all_rows, write
-from internlm2_tp.runtime.io import (
-    InputColumns,
-    InputError,
-    InputPlan,
-    InputRow,
-    plan_input,
-    resolve_input_files,
-)
+from _parquet import COLS, MSG_TYPE, all_rows, write, write_lines
+from internlm2_tp.errors import InputError
+from internlm2_tp.runtime.input_types import InputColumns, InputFile, InputPlan, InputRow
+from internlm2_tp.runtime.io import plan_input
+from internlm2_tp.runtime.sources import resolve_input_files
 
 # ---------------------------------------------------------------- resolving inputs
+def files(spec: str, fmt: str = "auto") -> list[Path]:
+    return [Path(f.path) for f in resolve_input_files(spec, fmt)[1]]
+
+
 def test_single_file_directory_and_glob(tmp_path: Path) -> None:
     a = write(tmp_path / "d" / "b.parquet", {"prompt": ["x"]})
     b = write(tmp_path / "d" / "sub" / "a.parquet", {"prompt": ["y"]})
     write(tmp_path / "d" / ".hidden.parquet", {"prompt": ["z"]})
+    write(tmp_path / "d" / "_tmp" / "c.parquet", {"prompt": ["z"]})
     (tmp_path / "d" / "notes.txt").write_text("ignored")
-    assert resolve_input_files(str(a)) == [a]
-    assert resolve_input_files(str(tmp_path / "d")) == sorted([a, b], key=str)
-    assert resolve_input_files(str(tmp_path / "d" / "**" / "*.parquet")) == sorted([a, b], key=str)
-    assert resolve_input_files(str(tmp_path / "d" / "b*.parquet")) == [a]
+    (tmp_path / "d" / "_SUCCESS").write_text("")
+    assert files(str(a)) == [a]
+    assert files(f"file://{a}") == [a]
+    assert files(str(tmp_path / "d")) == sorted([a, b], key=str)
+    c = tmp_path / "d" / "_tmp" / "c.parquet"   # a glob names it (glob's rules), a directory skips it
+    assert files(str(tmp_path / "d" / "**" / "*.parquet")) == sorted([a, b, c], key=str)
+    assert files(str(tmp_path / "d" / "b*.parquet")) == [a]
+    # notes.txt and _SUCCESS are no data files; folders a glob names are read whole
+    assert files(str(tmp_path / "d" / "*")) == sorted([a, b, c], key=str)
 
 
 @pytest.mark.parametrize("spec", ["missing.parquet", "nomatch-*.parquet", "emptydir"])
 def test_no_files_match(tmp_path: Path, spec: str) -> None:
     (tmp_path / "emptydir").mkdir()
-    with pytest.raises(InputError, match="no such file|no Parquet files match"):
+    with pytest.raises(InputError, match="no such file|no input files match"):
         plan_input(str(tmp_path / spec), COLS)
 
 
@@ -144,8 +150,10 @@ def test_dataclass_validation() -> None:
         InputPlan(files=[], num_rows=0, id_type=pa.int64(), has_id_column=False,
                   present_prompt_columns=["prompt"], override_columns=[])
     with pytest.raises(ValueError, match="unknown override"):
-        InputPlan(files=[Path("a")], num_rows=0, id_type=pa.int64(), has_id_column=False,
-                  present_prompt_columns=["prompt"], override_columns=["beam"])
+        InputPlan(files=[InputFile("a", "a", "parquet")], num_rows=0, id_type=pa.int64(),
+                  has_id_column=False, present_prompt_columns=["prompt"], override_columns=["beam"])
+    with pytest.raises(ValueError, match="format"):
+        InputFile("a", "a", "csv")
 
 
 @pytest.mark.parametrize("spec,out,reads", [
@@ -158,10 +166,97 @@ def test_would_read_output_shards_back(tmp_path: Path, monkeypatch: pytest.Monke
                                        spec: str, out: str, reads: bool) -> None:
     """Whether a shard written to `out` would be input to the rerun (an output directory
     inside the input is refused for that); `in/*` globs `in/_out` itself, then all below it."""
-    from internlm2_tp.runtime.io import would_read
+    from internlm2_tp.runtime.sources import would_read
+    from internlm2_tp.runtime.storage import resolve
     write(tmp_path / "in" / "p.parquet", {"prompt": ["x"]})
     monkeypatch.chdir(tmp_path)
     shard = Path(out) / "part-x-00000.parquet"
-    assert would_read(spec, shard) is reads
+    assert would_read(spec, resolve(str(shard), "data.output")) is reads
     write(tmp_path / shard, {"id": [1]})   # and it is what resolving the input then does
-    assert ((tmp_path / shard).resolve() in [f.resolve() for f in resolve_input_files(spec)]) is reads
+    assert ((tmp_path / shard).resolve() in [f.resolve() for f in files(spec)]) is reads
+
+
+# ---------------------------------------------------------------- JSON Lines, hive folders, formats
+def test_jsonl_plan_ids_rows_and_formats(tmp_path: Path) -> None:
+    a = write_lines(tmp_path / "d" / "a.jsonl", {"id": 3, "prompt": "x"}, "", {"id": 1, "messages": []},
+                    '{"id": 2, "prompt": "trunc')   # a bad line whose id can still be read
+    b = write_lines(tmp_path / "d" / "b.json.gz", {"id": 7, "prompt_token_ids": [1]}, compress="gz")
+    write_lines(tmp_path / "d" / "_SUCCESS")
+    plan = plan_input(str(tmp_path / "d"), COLS)
+    assert [f.format for f in plan.files] == ["json", "json"] and plan.file_rows == [3, 1]
+    assert plan.has_id_column and plan.id_type == pa.int64() and plan.num_rows == 4
+    assert [str(f) for f in plan.files] == [str(a), str(b)]
+    assert plan.present_prompt_columns == ["prompt", "messages", "prompt_token_ids"]
+    txt = write_lines(tmp_path / "p.txt", {"prompt": "x"})
+    with pytest.raises(InputError, match=r"p\.txt: cannot tell the format from the name; set data\.format"):
+        plan_input(str(txt), COLS)
+    assert plan_input(str(txt), COLS, fmt="json").num_rows == 1
+    write(tmp_path / "d" / "c.parquet", {"id": [9], "prompt": ["p"]})
+    with pytest.raises(InputError, match="holds both Parquet and JSON Lines files"):
+        plan_input(str(tmp_path / "d"), COLS)
+    assert [f.format for f in plan_input(str(tmp_path / "d"), COLS, fmt="parquet").files] == ["parquet"]
+
+
+@pytest.mark.parametrize("lines,culprit", [
+    (({"id": 1, "prompt": "a"}, {"prompt": "b"}), r"x\.jsonl: line 2 has no id column 'id' \(line 1 has one\)"),
+    (({"id": 1, "prompt": "a"}, {"id": "2", "prompt": "b"}),
+     r"line 2: id '2' is a string but earlier ids are integers"),
+    (({"id": None, "prompt": "a"},), r"x\.jsonl: line 1: id column 'id' is null"),
+    (({"id": 1.5, "prompt": "a"},), r"line 1: id column 'id' has unsupported type a number"),
+    (({"id": 1, "prompt": "a"}, "garbage without an id"),
+     r"x\.jsonl: line 2 is not valid JSON and its 'id' cannot be read"),
+    (({"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}), "duplicate ids in column 'id': 1"),
+    (("[", '  {"prompt": "a"},', "]"), "no line is a JSON object"),
+    (({"text": "a"},), r"none of the prompt columns .* is present; columns found: \['text'\]"),
+])
+def test_jsonl_job_level_errors(tmp_path: Path, lines: tuple, culprit: str) -> None:
+    f = write_lines(tmp_path / "x.jsonl", *lines)
+    with pytest.raises(InputError, match=culprit):
+        plan_input(str(f), COLS)
+
+
+def test_jsonl_without_ids_numbers_rows_including_bad_lines(tmp_path: Path) -> None:
+    write_lines(tmp_path / "a.jsonl", {"prompt": "a"}, "not json", {"prompt": "c"})
+    write_lines(tmp_path / "b.jsonl")   # an empty shard (Spark writes them) is fine
+    plan = plan_input(str(tmp_path), COLS)
+    assert not plan.has_id_column and plan.num_rows == 3
+    assert [(r.id, r.error is None) for r in all_rows(str(tmp_path))] == [(0, True), (1, False), (2, True)]
+
+
+def test_hive_partitions_become_string_columns(tmp_path: Path) -> None:
+    write(tmp_path / "lang=en" / "year=2024" / "p.parquet", {"id": [1], "prompt": ["a"]})
+    write(tmp_path / "lang=zh%2Fhans" / "year=__HIVE_DEFAULT_PARTITION__" / "p.parquet", {"id": [2], "prompt": ["b"]})
+    plan = plan_input(str(tmp_path), COLS, carry=["lang", "year"])
+    assert [f.partitions for f in plan.files] == [(("lang", "en"), ("year", "2024")),
+                                                  (("lang", "zh/hans"), ("year", None))]
+    assert plan.carry_schema == pa.schema([("lang", pa.string()), ("year", pa.string())])
+    got = [(r.id, r.carry.to_pylist()[0]) for r in all_rows(str(tmp_path), carry=["lang", "year"])]
+    assert got == [(1, {"lang": "en", "year": "2024"}), (2, {"lang": "zh/hans", "year": None})]
+    write(tmp_path / "lang=fr" / "p.parquet", {"id": [3], "prompt": ["c"]})
+    with pytest.raises(InputError, match=r"lang=fr/p\.parquet: carried column 'year' .* is missing"):
+        plan_input(str(tmp_path), COLS, carry=["year"])
+    write(tmp_path / "x" / "prompt=p" / "q.parquet", {"id": [4], "prompt": ["d"]})
+    with pytest.raises(InputError, match=r"hive partition folder prompt=\.\.\. names column 'prompt'"):
+        plan_input(str(tmp_path / "x"), COLS)
+
+
+def test_carry_columns_checked_before_the_model(tmp_path: Path) -> None:
+    write(tmp_path / "a.parquet", {"id": [1], "prompt": ["a"], "n": pa.array([1], pa.int32()), "error": ["e"]})
+    write(tmp_path / "b.parquet", {"id": [2], "prompt": ["b"], "n": pa.array([2], pa.int64()), "error": ["f"]})
+    with pytest.raises(InputError, match=r"'error' clashes with an output column .*; rename it in the input"):
+        plan_input(str(tmp_path / "a.parquet"), COLS, carry=["error"])
+    with pytest.raises(InputError, match=r"'error' clashes .*; list the columns to carry instead of '\*'"):
+        plan_input(str(tmp_path / "a.parquet"), COLS, carry=["*"])
+    with pytest.raises(InputError, match=r"a\.parquet: carried column 'nope' \(data.carry_columns\) is missing"):
+        plan_input(str(tmp_path / "a.parquet"), COLS, carry=["n", "nope"])
+    with pytest.raises(InputError, match=r"inconsistent schemas: column 'n' is int32 in .*a\.parquet but int64"):
+        plan_input(str(tmp_path), COLS, carry=["n"])
+    plan = plan_input(str(tmp_path / "a.parquet"), COLS, carry=["prompt", "n"])   # a prompt form, named
+    assert plan.carry_schema.names == ["prompt", "n"]
+    f = write_lines(tmp_path / "j.jsonl", {"prompt": "a", "m": 1}, {"prompt": "b", "m": "x"})
+    with pytest.raises(InputError, match=r"j\.jsonl: column 'm' cannot be carried, its values have different"):
+        plan_input(str(f), COLS, carry=["m"])
+    write_lines(tmp_path / "two" / "j.jsonl", {"prompt": "a", "m": 1}, {"prompt": "b", "m": 2.5})
+    write_lines(tmp_path / "two" / "k.jsonl", {"prompt": "c", "m": "y"})
+    with pytest.raises(InputError, match=r"column 'm' of .*k\.jsonl has values of types double and string"):
+        plan_input(str(tmp_path / "two"), COLS, carry=["m"])

@@ -17,6 +17,8 @@ import pytest
 from _job import MSG, job_args, read_out, run_cli, run_inprocess, write_prompts
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow   # the job under ray job submit and torchrun, and in-process jobs
+
 CKPT = dict(dtype="float32")  # the default tiny spec: 48 q / 8 KV heads, the tokenizer's vocab
 
 
@@ -141,7 +143,7 @@ def test_bad_input_refused_before_model_loads(case, ckpt, data, tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_ckpt(ckpt, tmp_path_factory):
-    from internlm2_tp.convert import convert
+    from internlm2_tp.tools.convert import convert
 
     return convert("llama", ckpt, tmp_path_factory.mktemp("llama") / "ckpt", progress=False)
 

@@ -1,6 +1,9 @@
 """The command-line contract: OmegaConf dotlist overrides on conf/batch_infer.yaml."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from conftest import ROOT
@@ -37,7 +40,22 @@ def test_overrides_apply():
     ("engine.max_num_seqs=0", "engine.max_num_seqs"),
     ("parallel.hccl_connect_timeout=5", "parallel.hccl_connect_timeout"),
     ("justakey", "justakey"),
+    ("generation.stop=['']", "generation.stop"),
+    ("generation.stop_token_ids=[-1]", "generation.stop_token_ids"),
+    ("engine.kv_cache_gb=-1", "engine.kv_cache_gb"),
 ])
 def test_bad_override_names_key(override, culprit):
     with pytest.raises(JobConfigError, match=culprit.replace(".", r"\.")):
         load_job_config(YAML, [override])
+
+
+def test_loading_the_config_imports_no_torch():
+    """The job's settings are read and checked before anything heavy: no torch, no model."""
+    code = ("import sys; from internlm2_tp.job_config import load_job_config; "
+            f"load_job_config({str(YAML)!r}, ['generation.temperature=0.5', 'parallel.tp=2']); "
+            "print(sorted(m for m in ('torch', 'ray', 'pyarrow', 'internlm2_tp.model') "
+            "if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"

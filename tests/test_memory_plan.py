@@ -4,6 +4,7 @@ and with the parameters InternLM2Model allocates at every valid tp."""
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import asdict
 import sys
 
 import pytest
@@ -12,10 +13,11 @@ import torch
 from _mp import run_ranks
 from conftest import ROOT
 from internlm2_tp.config import ConfigError, ModelConfig
-from internlm2_tp.engine.engine import EngineConfig, plan_cache
-from internlm2_tp.memory_plan import GiB, plan, preset, weight_params
+from internlm2_tp.engine.config import EngineConfig
+from internlm2_tp.engine.engine import plan_cache
+from internlm2_tp.tools.memory_plan import GiB, plan, preset, weight_params
 from internlm2_tp.model import InternLM2Model
-from internlm2_tp.parallel.device import TPGroup
+from internlm2_tp.parallel.group import TPGroup
 
 # 48 q heads over 8 KV heads as the 20B; vocab 1000 is not a multiple of 16 (padded rows).
 SPEC = dict(dtype="float32", hidden_size=192, num_attention_heads=48, num_key_value_heads=8,
@@ -83,9 +85,10 @@ def _rank_facts(rank: int, world: int, port: int, ckpt: str) -> dict:
 
     model = build_model(rank, world, port, ckpt)          # loaded: every parameter asserted
     facts = plan_cache(model, EngineConfig(block_size=16, kv_cache_gb=KV_GB), (2,))
-    return facts.__dict__
+    return asdict(facts)
 
 
+@pytest.mark.slow   # ranks as processes (gloo)
 @pytest.mark.parametrize("tp", [1, 2])
 def test_agrees_with_engine_plan_cache(make_ckpt, tp: int) -> None:
     ckpt = make_ckpt(**SPEC)

@@ -18,7 +18,7 @@ from _npu_ranks import (BLOCK, STEPS, attention_step, build, mixed_step, no_host
 from conftest import ROOT
 from internlm2_tp.attention import AttentionMetadata, TorchAttention
 from internlm2_tp.attention.npu_backend import NpuAttention
-from internlm2_tp.engine.sampler import SamplingParams
+from internlm2_tp.engine.params import SamplingParams
 from internlm2_tp.ops import TorchOps
 from internlm2_tp.ops.npu import NpuOps
 from internlm2_tp.runtime.rows import Request
@@ -138,6 +138,7 @@ def test_attention_falls_back_where_the_kernel_is_not_documented() -> None:
 SEQS = [[1, 5, 9, 200, 7] * 30, [1] + list(range(30, 170)), [1, 999, 3] * 10]
 
 
+@pytest.mark.slow   # ranks as processes (gloo)
 @pytest.mark.parametrize("tp", [1, 2])
 def test_forward_matches_plain_path(ckpt, tp: int) -> None:
     npu, plain, calls = run_ranks(rank_logits, tp, ckpt, SEQS)[0]
@@ -208,6 +209,7 @@ def test_engine_greedy_matches_plain_path(ckpt, one_thread) -> None:
         assert gap < 0.05 * logits.std().item(), f"row {rid} token {i}: not a near-tie ({gap})"
 
 
+@pytest.mark.slow   # ranks as processes (gloo)
 def test_ranks_agree_on_kv_blocks_when_their_memory_differs(ckpt) -> None:
     """Two gloo ranks whose NPU memory queries report 0.6 and 1.1 MiB free: alone they would
     size 4 and 7 blocks of 128 KiB (90%); both allocate 4, and a job that overfills the cache
@@ -215,13 +217,14 @@ def test_ranks_agree_on_kv_blocks_when_their_memory_differs(ckpt) -> None:
     free = [614 << 10, 1126 << 10]
     requests = [Request(rid, p, params) for rid, p, params in engine_requests()]
     r0, r1 = run_ranks(rank_worker, 2, ckpt, requests, dict(ENGINE, num_kv_blocks=0), free)
-    assert r0["facts"]["rank_blocks"] == r1["facts"]["rank_blocks"] == (4, 7)
-    assert r0["facts"]["num_blocks"] == r1["facts"]["num_blocks"] == 4
+    assert r0["facts"].rank_blocks == r1["facts"].rank_blocks == (4, 7)
+    assert r0["facts"].num_blocks == r1["facts"].num_blocks == 4
     assert r0["stats"]["preemptions"] > 0 and r0["stats"] == r1["stats"] | {
         "busy_s": r0["stats"]["busy_s"]}
     assert len(r0["out"]) == 6 and digest(r0["out"]) == r1["out"]
 
 
+@pytest.mark.slow   # the script as a process
 def test_device_check_script_runs_on_the_emulated_npu() -> None:
     """scripts/device_check.py --emulate-npu: every row of its table ok, exit code 0."""
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_check.py"),

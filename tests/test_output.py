@@ -13,17 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from internlm2_tp.runtime import output as out_mod
-from internlm2_tp.runtime.output import (
-    OutputDirError,
-    OutputRow,
-    ShardWriter,
-    fingerprint_diff,
-    output_schema,
-    prepare_output_dir,
-    read_output_ids,
-    write_manifest,
-)
+from internlm2_tp.runtime import storage as storage_mod
+from internlm2_tp.errors import OutputDirError
+from internlm2_tp.runtime.output import OutputRow, ShardWriter, output_schema
+from internlm2_tp.runtime.output_dir import (fingerprint_diff, prepare_output_dir, read_output_ids,
+                                             write_manifest)
 
 FP = {"model": {"path": "/m", "dtype": "bf16"}, "input": "in.parquet", "max_new_tokens": 32}
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +74,7 @@ def test_writer_shards_and_roundtrip(tmp_path: Path) -> None:
     w.add(OutputRow(id=7, completion="", completion_token_ids=[], prompt_tokens=0, completion_tokens=0,
                     finish_reason="error", error="row id 7: column 'prompt' is an empty string"))
     w.close()
-    assert w.rows_written == 8 and len(parts(d)) == 3 and w.files == parts(d)
+    assert w.rows_written == 8 and len(parts(d)) == 3 and w.files == [p.name for p in parts(d)]
     t = pq.read_table(parts(d)[2])
     assert t.schema.equals(output_schema(pa.int64()))
     assert t.column("error").to_pylist() == [None, "row id 7: column 'prompt' is an empty string"]
@@ -126,7 +120,7 @@ def test_failed_rename_leaves_no_part_and_no_temp(tmp_path: Path, monkeypatch: p
     def boom(a: object, b: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(out_mod.os, "replace", boom)
+    monkeypatch.setattr(storage_mod.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         w.flush()
     assert list(tmp_path.iterdir()) == []
@@ -140,6 +134,7 @@ def _child(code: str, d: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(d)], env=env)
 
 
+@pytest.mark.slow   # a writer process, killed
 def test_sigkill_between_write_and_rename_leaves_only_temp(tmp_path: Path) -> None:
     d = tmp_path / "out"
     prepare_output_dir(d, FP, overwrite=False)
@@ -157,9 +152,10 @@ def test_sigkill_between_write_and_rename_leaves_only_temp(tmp_path: Path) -> No
     names = sorted(p.name for p in d.iterdir())
     assert parts(d) == [] and len(names) == 2 and names[0].startswith(".part-") and names[0].endswith(".tmp")
     assert prepare_output_dir(d, FP, overwrite=False) is None  # stale temp removed, nothing done
-    assert sorted(p.name for p in d.iterdir()) == ["job.json"]
+    assert sorted(p.name for p in d.iterdir()) == ["_job.json"]
 
 
+@pytest.mark.slow   # a writer process, killed
 def test_sigkill_mid_stream_keeps_complete_shards(tmp_path: Path) -> None:
     d = tmp_path / "out"
     prepare_output_dir(d, FP, overwrite=False)
@@ -189,7 +185,7 @@ def test_sigkill_mid_stream_keeps_complete_shards(tmp_path: Path) -> None:
 def test_resume_fingerprint_and_overwrite(tmp_path: Path) -> None:
     d = tmp_path / "out"
     assert prepare_output_dir(d, FP, overwrite=False) is None
-    assert json.loads((d / "job.json").read_text())["fingerprint"] == FP
+    assert json.loads((d / "_job.json").read_text())["fingerprint"] == FP
     with ShardWriter(d, pa.int64(), shard_rows=2) as w:
         for i in range(5):
             w.add(ok(i))
@@ -203,13 +199,13 @@ def test_resume_fingerprint_and_overwrite(tmp_path: Path) -> None:
         prepare_output_dir(d, other, overwrite=False)
     assert len(parts(d)) == 3  # nothing deleted on refusal
     assert prepare_output_dir(d, other, overwrite=True) is None
-    assert parts(d) == [] and json.loads((d / "job.json").read_text())["fingerprint"] == other
+    assert parts(d) == [] and json.loads((d / "_job.json").read_text())["fingerprint"] == other
 
 
 def test_parts_without_job_file_are_refused(tmp_path: Path) -> None:
     with ShardWriter(tmp_path, pa.int64()) as w:
         w.add(ok(1))
-    with pytest.raises(OutputDirError, match="without job.json"):
+    with pytest.raises(OutputDirError, match="without _job.json"):
         prepare_output_dir(tmp_path, FP, overwrite=False)
     assert prepare_output_dir(tmp_path, FP, overwrite=True) is None
 
@@ -220,7 +216,7 @@ def test_foreign_files_refused_even_with_overwrite(tmp_path: Path) -> None:
     for overwrite in (False, True):
         with pytest.raises(OutputDirError, match=r"did not write: \['notes.txt', 'sub'\]"):
             prepare_output_dir(tmp_path, FP, overwrite=overwrite)
-    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "job.json").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "_job.json").exists()
     f = tmp_path / "file"
     f.write_text("")
     with pytest.raises(OutputDirError, match="not a directory"):
@@ -258,3 +254,98 @@ def test_fingerprint_diff() -> None:
     assert fingerprint_diff({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}, "d": 0}) == ["b.c", "d"]
     with pytest.raises(TypeError, match="JSON"):
         prepare_output_dir(Path("/nonexistent-never-created"), {"x": {1, 2}}, overwrite=False)
+
+
+# ---------------------------------------------------------------- carried columns, old layouts, readers
+CARRY = pa.schema([("lang", pa.string()), ("meta", pa.struct([("k", pa.int16()), ("v", pa.list_(pa.string()))]))])
+
+
+def carry(i: int) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([{"lang": f"l{i}", "meta": {"k": i, "v": ["x"] * i}}], schema=CARRY)
+
+
+def write_output(d: Path | str, n: int = 10, shard_rows: int = 4) -> None:
+    prepare_output_dir(d, FP, overwrite=False)
+    with ShardWriter(d, pa.int64(), shard_rows=shard_rows, carry=CARRY) as w:
+        for i in range(n):
+            w.add(ok(i), carry(i))
+    write_manifest(d, {"rows": n})
+
+
+def test_carried_columns_follow_our_columns(tmp_path: Path) -> None:
+    write_output(tmp_path)
+    t = pq.read_table(parts(tmp_path)[1])
+    assert t.schema.equals(output_schema(pa.int64(), CARRY)) and t.schema.names[-2:] == ["lang", "meta"]
+    assert t.select(["id", "lang", "meta"]).to_pylist()[0] == {"id": 4, "lang": "l4", "meta": {"k": 4, "v": ["x"] * 4}}
+    w = ShardWriter(tmp_path, pa.int64(), carry=CARRY)
+    with pytest.raises(ValueError, match="carried columns must be one row of"):
+        w.add(ok(50))
+    with pytest.raises(ValueError, match="carried columns must be one row of"):
+        w.add(ok(50), pa.RecordBatch.from_pylist([{"lang": "x"}]))
+    with pytest.raises(ValueError, match="clash"):
+        output_schema(pa.int64(), pa.schema([("completion", pa.string())]))
+
+
+def test_old_job_json_still_resumes_and_is_renamed(tmp_path: Path) -> None:
+    """A directory written before _job.json (job.json beside the shards) resumes; the file is
+    renamed so that the directory opens as a dataset. Another job's old directory is refused
+    and left as it was."""
+    with ShardWriter(tmp_path, pa.int64(), shard_rows=2, run_id="old") as w:
+        for i in range(3):
+            w.add(ok(i))
+    old = {"format": "internlm2_tp.output/1", "fingerprint": FP, "created_at": "2026-01-01T00:00:00+0000"}
+    (tmp_path / "job.json").write_text(json.dumps(old))
+    with pytest.raises(OutputDirError, match=r"fingerprint keys differ: \['extra'\]"):
+        prepare_output_dir(tmp_path, {**FP, "extra": 1}, overwrite=False)
+    assert (tmp_path / "job.json").exists() and not (tmp_path / "_job.json").exists()
+    assert sorted(prepare_output_dir(tmp_path, FP, overwrite=False).to_pylist()) == [0, 1, 2]
+    assert json.loads((tmp_path / "_job.json").read_text()) == old and not (tmp_path / "job.json").exists()
+    assert pq.read_table(tmp_path).num_rows == 3
+
+
+@pytest.mark.slow   # a Ray cluster (Ray Data), readers as processes
+def test_output_opens_as_one_dataset_in_every_reader(tmp_path: Path, ray_gcs: str) -> None:
+    """The one-liners a user tries first: each reader skips _job.json, _manifest.json and a
+    leftover temp file, and sees every row once with the carried columns."""
+    import duckdb
+    import pandas
+    import polars
+
+    out = tmp_path / "out"
+    write_output(out)
+    (out / ".part-x-00000.parquet.0a1b2c.tmp").write_bytes(b"half a shard")
+    want = list(range(10))
+    assert sorted(pq.read_table(out).column("id").to_pylist()) == want
+    df = pandas.read_parquet(out)
+    assert sorted(df["id"]) == want and list(df.columns) == output_schema(pa.int64(), CARRY).names
+    assert sorted(polars.read_parquet(f"{out}/*.parquet")["id"].to_list()) == want
+    assert sorted(r[0] for r in duckdb.sql(f"select id from read_parquet('{out}/*.parquet')").fetchall()) == want
+    code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "import ray.data; ds = ray.data.read_parquet(sys.argv[2]); "
+            "print(sorted(r['id'] for r in ds.take_all()), ds.schema().names)")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    p = subprocess.run([sys.executable, "-c", code, ray_gcs, str(out)], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == f"{want} {output_schema(pa.int64(), CARRY).names}"
+
+
+def test_object_store_output_dir(s3) -> None:
+    """The same directory protocol on S3: shards appear whole, a stale temp object goes at the
+    next start, resume reads the listing, pyarrow reads the prefix as one dataset."""
+    out = s3.uri("out")
+    write_output(out, n=7, shard_rows=3)
+    s3.put("out/.part-r-00009.parquet.abc123.tmp", b"half")
+    names = s3.names("out")
+    assert names[:3] == [".part-r-00009.parquet.abc123.tmp", "_job.json", "_manifest.json"]
+    assert len([n for n in names if n.startswith("part-")]) == 3 and len(names) == 6
+    assert sorted(prepare_output_dir(out, FP, overwrite=False).to_pylist()) == list(range(7))
+    assert ".part-r-00009.parquet.abc123.tmp" not in s3.names("out") and "_manifest.json" not in s3.names("out")
+    loc = s3.loc("out")
+    t = pq.read_table(loc.path, filesystem=loc.fs)
+    assert sorted(t.column("id").to_pylist()) == list(range(7)) and t.schema.names[-2:] == ["lang", "meta"]
+    with pytest.raises(OutputDirError, match=r"fingerprint keys differ: \['extra'\]"):
+        prepare_output_dir(out, {**FP, "extra": 1}, overwrite=False)
+    s3.put("out/notes.txt", b"mine")
+    with pytest.raises(OutputDirError, match=r"did not write: \['notes.txt'\]"):
+        prepare_output_dir(out, FP, overwrite=True)

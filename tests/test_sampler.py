@@ -4,10 +4,9 @@ import time
 import pytest
 import torch
 
-from internlm2_tp.engine.sampler import (
-    STOP_LENGTH, STOP_NONE, STOP_TOKEN, BatchSamplingState, SamplingParams,
-    apply_repetition_penalty, check_stop, check_stop_batch, hash_bits, hash_uniform, sample,
-)
+from internlm2_tp.engine.params import SamplingParams
+from internlm2_tp.engine.sampler import (BatchSamplingState, apply_repetition_penalty, hash_bits,
+                                         hash_uniform, sample)
 
 M64 = (1 << 64) - 1
 
@@ -40,24 +39,6 @@ def _check_freqs(tokens, expected, n):
         else:
             sigma = math.sqrt(p * (1 - p) / n)
             assert abs(counts[i] - p) < 4 * sigma, (i, counts[i].item(), p)
-
-
-# ---------------------------------------------------------------- params
-@pytest.mark.parametrize("field,value", [
-    ("max_new_tokens", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5),
-    ("top_k", -1), ("repetition_penalty", 0.0), ("seed", 1 << 63),
-    ("stop_token_ids", (-3,)), ("stop", ("",)), ("temperature", float("nan")),
-])
-def test_params_validation_names_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        SamplingParams(**{field: value})
-
-
-def test_params_coerce_lists():
-    p = SamplingParams(stop_token_ids=[5, 6], stop=["a"])
-    assert p.stop_token_ids == (5, 6) and p.stop == ("a",)
-    assert SamplingParams(stop="xy").stop == ("xy",)
-    hash(p)
 
 
 # ---------------------------------------------------------------- greedy / penalty
@@ -226,30 +207,6 @@ def test_edge_cases():
     huge[0, 3] = float("-inf")
     out = sample(huge, BatchSamplingState.build([SamplingParams(temperature=0.5, top_p=0.9)]), torch.zeros(1, dtype=torch.int64))
     assert out.item() != 3
-
-
-# ---------------------------------------------------------------- stop
-def test_check_stop():
-    p = SamplingParams(max_new_tokens=3, stop_token_ids=(9,))
-    assert check_stop(2, p, (2,), 1) == "stop"
-    assert check_stop(9, p, (2,), 1) == "stop"
-    assert check_stop(5, p, (2,), 2) is None
-    assert check_stop(5, p, (2,), 3) == "length"
-    q = SamplingParams(max_new_tokens=3, ignore_eos=True)
-    assert check_stop(2, q, (2,), 1) is None
-    assert check_stop(2, q, (2,), 3) == "length"
-
-
-def test_check_stop_batch():
-    params = [SamplingParams(max_new_tokens=3, stop_token_ids=(9,)), SamplingParams(max_new_tokens=3, ignore_eos=True),
-              SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=2)]
-    state = BatchSamplingState.build(params, eos_ids=(2,))
-    codes = check_stop_batch(torch.tensor([9, 2, 2, 5]), state, torch.tensor([1, 1, 10, 2]))
-    assert codes.tolist() == [STOP_TOKEN, STOP_NONE, STOP_TOKEN, STOP_LENGTH]
-    ref = [check_stop(t, p, (2,), n) for t, p, n in zip([9, 2, 2, 5], params, [1, 1, 10, 2])]
-    assert ref == ["stop", None, "stop", "length"]
-    empty = BatchSamplingState.build([SamplingParams(max_new_tokens=1)])
-    assert check_stop_batch(torch.tensor([4]), empty, torch.tensor([1])).tolist() == [STOP_LENGTH]
 
 
 # ---------------------------------------------------------------- benchmark (printed only)

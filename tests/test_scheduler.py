@@ -3,8 +3,9 @@ Python: a BlockManager and sequences, no model)."""
 from __future__ import annotations
 
 from internlm2_tp.engine.kv_cache import BlockManager
-from internlm2_tp.engine.sampler import SamplingParams
-from internlm2_tp.engine.scheduler import Scheduler, SchedulerConfig
+from internlm2_tp.engine.params import SamplingParams
+from internlm2_tp.engine.config import EngineConfig
+from internlm2_tp.engine.scheduler import Scheduler
 from internlm2_tp.engine.sequence import Sequence
 
 SYSTEM = list(range(100, 108))          # two blocks of 4
@@ -15,7 +16,7 @@ def seq(i: int, tail: list[int]) -> Sequence:
 
 
 def scheduler() -> Scheduler:
-    return Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256),
+    return Scheduler(EngineConfig(max_num_seqs=8, max_num_batched_tokens=256),
                      BlockManager(num_blocks=32, block_size=4))
 
 

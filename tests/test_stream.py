@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import gc
+from decimal import Decimal
 from pathlib import Path
 
 import psutil
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from _parquet import COLS, MSG_TYPE, all_rows, write
-from internlm2_tp.runtime.io import InputError, plan_input
+from _parquet import COLS, MSG_TYPE, all_rows, write, write_lines
+from internlm2_tp.errors import InputError
+from internlm2_tp.runtime.io import plan_input
 from internlm2_tp.runtime.stream import iter_rows
 
 
@@ -44,7 +48,8 @@ def test_batches_are_full_and_skip_ids_filtered(tmp_path: Path) -> None:
         list(iter_rows(plan, COLS, 0))
 
 
-def test_streaming_memory_is_bounded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["disk", "s3"])
+def test_streaming_memory_is_bounded(tmp_path: Path, where: str, request: pytest.FixtureRequest) -> None:
     n, chunk = 200_000, 10_000
     path = tmp_path / "big.parquet"
     pad = "x" * 500  # ~100 MB of prompt text in total: materialising it would blow the budget
@@ -54,10 +59,16 @@ def test_streaming_memory_is_bounded(tmp_path: Path) -> None:
             w.write_table(pa.table({"id": pa.array(range(s, s + chunk), pa.int64()),
                                     "prompt": [f"{i}{pad}" for i in range(s, s + chunk)],
                                     "temperature": [0.5] * chunk}, schema=schema), row_group_size=5000)
+    spec = str(path)
+    if where == "s3":   # the same file in object storage (copied in C++, never held here)
+        s3 = request.getfixturevalue("s3")
+        loc = s3.loc("big.parquet")
+        pafs.copy_files(spec, loc.path, destination_filesystem=loc.fs)
+        spec = s3.uri("big.parquet")
     gc.collect()
     proc = psutil.Process()
     base = peak = proc.memory_info().rss
-    plan = plan_input(str(path), COLS)
+    plan = plan_input(spec, COLS)
     skip = pa.array(range(0, n, 2), pa.int64())
     count = 0
     for batch in iter_rows(plan, COLS, 1000, skip):
@@ -122,3 +133,73 @@ def test_invalid_utf8_in_string_column_is_row_error(tmp_path: Path) -> None:
     rows = all_rows(str(f))
     assert rows[0].error is None and rows[0].prompt == "good"
     assert rows[1].error == "row id 2: column 'prompt' is not valid UTF-8"
+
+
+# ---------------------------------------------------------------- JSON Lines rows
+def test_jsonl_bad_lines_are_error_rows_naming_file_and_line(tmp_path: Path) -> None:
+    f = write_lines(tmp_path / "p.jsonl",
+                    {"id": "a", "prompt": "ok", "temperature": 0.5, "max_new_tokens": 4.0},
+                    '{"id": "b", "prompt": "cut off',
+                    {"id": "c", "prompt": 5},
+                    {"id": "d", "messages": [{"role": "user", "content": ["part"]}]},
+                    {"id": "e", "prompt": "x", "max_new_tokens": 2.5, "top_k": True},
+                    "",
+                    {"id": "f", "prompt_token_ids": [1, 2], "seed": 3},
+                    {"id": "g", "messages": [{"role": "user"}]})
+    rows = {r.id: r for r in all_rows(str(f), batch_rows=2)}
+    assert list(rows) == ["a", "b", "c", "d", "e", "f", "g"]
+    assert rows["a"].error is None and rows["a"].overrides == {"temperature": 0.5, "max_new_tokens": 4}
+    assert rows["f"].error is None and rows["f"].token_ids == [1, 2] and rows["f"].overrides == {"seed": 3}
+    expect = {"b": (2, "not valid JSON (Unterminated string"),
+              "c": (3, "column 'prompt' is a number, expected a string"),
+              "d": (4, "column 'messages' is an array, expected an array of {role, content}"),
+              "e": (5, "column 'max_new_tokens' is 2.5, expected an integer; column 'top_k' is True"),
+              "g": (8, "column 'messages': message 0 has null content")}
+    for rid, (line, text) in expect.items():
+        assert rows[rid].error.startswith(f"row id {rid!r}: {f}:{line}: ") and text in rows[rid].error, rows[rid].error
+    skip = pa.array(["a", "c", "zz"])
+    assert [r.id for r in all_rows(str(f), skip=skip)] == ["b", "d", "e", "f", "g"]
+
+
+def test_jsonl_streaming_memory_is_bounded(tmp_path: Path) -> None:
+    n, pad = 100_000, "x" * 500   # ~50 MB of lines: materialising them would blow the budget
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(f'{{"id": {i}, "prompt": "{i}{pad}", "temperature": 0.5}}\n')
+    gc.collect()
+    proc = psutil.Process()
+    base = peak = proc.memory_info().rss
+    plan = plan_input(str(path), COLS)
+    count = 0
+    for batch in iter_rows(plan, COLS, 1000, pa.array(range(0, n, 2), pa.int64())):
+        count += len(batch)
+        peak = max(peak, proc.memory_info().rss)
+    assert count == n // 2
+    assert (peak - base) / 2**20 < 60, f"RSS grew by {(peak - base) / 2**20:.1f} MB"
+
+
+# ---------------------------------------------------------------- carried columns
+NESTED = pa.struct([("src", pa.string()), ("scores", pa.list_(pa.float32())),
+                    ("at", pa.struct([("t", pa.timestamp("ns", "UTC")), ("n", pa.int8())]))])
+
+
+def test_carried_columns_keep_types_and_values(tmp_path: Path) -> None:
+    n = 7
+    extra = {"n": pa.array(range(n), pa.int16()), "s": pa.array([f"é{i}" if i % 3 else None for i in range(n)]),
+             "l": pa.array([[i, i + 1] for i in range(n)], pa.large_list(pa.int64())),
+             "st": pa.array([{"src": f"s{i}", "scores": [0.5] * i,
+                              "at": {"t": 1_700_000_000_123_456_789 + i, "n": -i}} for i in range(n)], NESTED),
+             "d": pa.array([Decimal(f"{i}.125") for i in range(n)], pa.decimal128(9, 3))}
+    a = write(tmp_path / "in" / "a.parquet", {"id": list(range(n)), "prompt": ["p"] * n, **extra}, row_group_size=3)
+    write(tmp_path / "in" / "b.parquet", {"id": [100], "prompt": ["q"], "n": pa.array([9], pa.int16()),
+                                          "s": pa.array([None], pa.null()),
+                                          "l": pa.array([None], pa.large_list(pa.int64())),
+                                          "st": pa.array([None], NESTED),
+                                          "d": pa.array([Decimal("2.5")], pa.decimal128(9, 3))})
+    rows = all_rows(str(tmp_path / "in"), batch_rows=2, carry=["*"], skip=pa.array([1]))
+    table = pa.Table.from_batches([r.carry for r in rows])
+    src = pq.read_table(a).drop_columns(["id", "prompt"]).filter(pc.not_equal(pc.field("n"), 1))
+    assert table.schema == src.schema                       # every type as it came (nested, tz, int16)
+    assert table.slice(0, n - 1).equals(src)
+    assert table.slice(n - 1).to_pylist() == [{"n": 9, "s": None, "l": None, "st": None, "d": Decimal("2.500")}]

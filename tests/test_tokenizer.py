@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from internlm2_tp import tokenizer_files
-from internlm2_tp.tokenizer import (
-    IncrementalDetokenizer,
-    Tokenizer,
-    TokenizerError,
-    find_default_tokenizer_model,
-    train_fallback_model,
-    write_tokenizer_files,
-)
+from internlm2_tp.errors import TokenizerError
+from internlm2_tp.testing import tokenizer_files
+from internlm2_tp.testing.tokenizer_files import (find_default_tokenizer_model, train_fallback_model,
+                                                  write_tokenizer_files)
+from internlm2_tp.tokenizer import IncrementalDetokenizer, Tokenizer
 
 REAL_MODEL = find_default_tokenizer_model()
 NO_REAL = ("real InternLM2 tokenizer not found (set INTERNLM2_TOKENIZER or put it at "
@@ -68,7 +64,6 @@ def test_real_special_tokens_single_ids(real_dir: Path, with_config: bool) -> No
     for i, s in enumerate(SPECIALS):
         assert t.encode(s, add_bos=False) == [92538 + i]
         assert t.id_to_piece(92538 + i) == s
-    assert t.chat_stop_ids == (2, 92542)
     assert t.encode("<|im_start|>user") == [1, 92543] + t.sp.encode("user")
 
 

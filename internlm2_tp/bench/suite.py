@@ -20,7 +20,7 @@ VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": 
 
 
 def prepare_checkpoints(cfg: Any) -> tuple[str, str]:
-    from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+    from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
 
     out = Path(cfg.out_dir)
     ours = Path(cfg.ckpt) if cfg.ckpt else out / "ckpt-internlm2"
@@ -31,7 +31,7 @@ def prepare_checkpoints(cfg: Any) -> tuple[str, str]:
                                              vocab_size=92544))
     llama = out / "ckpt-llama"
     if not (llama / "config.json").is_file():
-        from internlm2_tp.convert import convert
+        from internlm2_tp.tools.convert import convert
         convert("llama", ours, llama, overwrite=True)
     return str(ours.resolve()), str(llama.resolve())
 

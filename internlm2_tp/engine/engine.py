@@ -10,60 +10,23 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from internlm2_tp.attention import AttentionMetadata
-from internlm2_tp.engine.kv_cache import (BlockManager, allocate_kv_caches, kv_bytes_per_token,
-                                          zero_new_blocks)
+from internlm2_tp.engine.cache_plan import (RuntimeFacts, kv_budget_bytes, kv_bytes_per_token,
+                                            max_model_len, num_kv_blocks)
+from internlm2_tp.engine.config import EngineConfig
+from internlm2_tp.engine.kv_cache import BlockManager, allocate_kv_caches, zero_new_blocks
 from internlm2_tp.engine.sampler import BatchSamplingState, SamplingParams, sample
-from internlm2_tp.engine.scheduler import Scheduler, SchedulerConfig
+from internlm2_tp.engine.scheduler import Scheduler
 from internlm2_tp.engine.sequence import Sequence
 from internlm2_tp.engine.work import RunWork
 from internlm2_tp.model import InternLM2Model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    block_size: int = 128             # 128 as the Ascend attention kernels expect
-    max_num_seqs: int = 256           # sequences in flight per step
-    max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
-    max_model_len: int = 0            # 0: the model's context (times the rope scaling factor)
-    enable_prefix_caching: bool = True
-    kv_cache_gb: float = 0.0          # 0: 90% of free device memory on cuda/npu, 1 GiB on cpu
-    num_kv_blocks: int = 0            # > 0 overrides kv_cache_gb (tests force preemption with it)
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_model_len", "num_kv_blocks"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"engine.{name} must be >= 0, got {getattr(self, name)}")
-        if self.kv_cache_gb < 0:
-            raise ValueError(f"engine.kv_cache_gb must be >= 0, got {self.kv_cache_gb}")
-
-
-@dataclass
-class RuntimeFacts:
-    """What the engine found out at start (not configuration)."""
-    num_blocks: int                   # agreed by the group (the smallest rank's figure)
-    block_size: int
-    cache_tokens: int
-    kv_bytes_per_token: int           # per rank
-    weight_bytes: int                 # per rank
-    max_model_len: int
-    eos_ids: tuple[int, ...]
-    rank_blocks: tuple[int, ...] = ()  # what each rank's own memory allowed, before agreeing
-
-    def describe(self) -> str:
-        return (f"weights {self.weight_bytes / 2**30:.2f} GiB/rank; KV {self.kv_bytes_per_token} "
-                f"B/token/rank; cache {self.num_blocks} blocks x {self.block_size} = "
-                f"{self.cache_tokens} tokens; max_model_len {self.max_model_len}")
 
 
 @dataclass
@@ -81,25 +44,20 @@ def plan_cache(model: InternLM2Model, cfg: EngineConfig, eos_ids: tuple[int, ...
     """Size the KV cache: engine.num_kv_blocks, else engine.kv_cache_gb, else 90% of the
     device memory free after loading (1 GiB on CPU). Every rank proposes its figure and the
     group takes the smallest: the schedulers must agree on the blocks they share out."""
-    mc, dev = model.cfg, model.device
-    per_tok = kv_bytes_per_token(mc.num_hidden_layers, model.kv_heads_local, mc.head_dim, model.dtype)
-    weights = model.weight_bytes
+    mc = model.cfg
+    per_tok = kv_bytes_per_token(mc, model.tp.size, model.dtype.itemsize)
     if cfg.num_kv_blocks:
         mine = cfg.num_kv_blocks
     else:
-        if cfg.kv_cache_gb:
-            budget = cfg.kv_cache_gb * 2**30
-        else:
-            free = model.platform.free_memory(dev)
-            budget = 2**30 if free is None else 0.9 * free
-        mine = max(1, int(budget // (per_tok * cfg.block_size)))
+        budget = (cfg.kv_cache_gb * 2**30 if cfg.kv_cache_gb
+                  else kv_budget_bytes(model.platform.free_memory(model.device)))
+        mine = max(1, num_kv_blocks(budget, per_tok, cfg.block_size))
     blocks, every = model.tp.agree_min(mine)
     if len(set(every)) > 1 and model.tp.rank == 0:
         log.info("KV blocks per rank's own memory %s: all ranks use %d", every, blocks)
-    ctx = mc.max_position_embeddings * (mc.rope_scaling.factor if mc.rope_scaling else 1)
-    max_len = min(cfg.max_model_len or int(ctx), blocks * cfg.block_size)
-    return RuntimeFacts(blocks, cfg.block_size, blocks * cfg.block_size, per_tok, weights,
-                        max_len, eos_ids, tuple(every))
+    return RuntimeFacts(blocks, cfg.block_size, blocks * cfg.block_size, per_tok,
+                        model.weight_bytes, max_model_len(mc, cfg.max_model_len, blocks,
+                                                          cfg.block_size), eos_ids, tuple(every))
 
 
 class Engine:
@@ -112,8 +70,7 @@ class Engine:
         self.blocks = BlockManager(self.facts.num_blocks, cfg.block_size,
                                    cfg.enable_prefix_caching,
                                    mc.max_position_embeddings if dyn else None)
-        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens),
-                                   self.blocks)
+        self.scheduler = Scheduler(cfg, self.blocks)
         self.kv_caches = allocate_kv_caches(mc.num_hidden_layers, self.facts.num_blocks,
                                             cfg.block_size, model.kv_heads_local, mc.head_dim,
                                             model.dtype, model.device)
@@ -124,11 +81,15 @@ class Engine:
         self.work = RunWork()           # what the steps computed (the benchmark's roofline)
 
     def add_request(self, request_id: Any, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise ValueError(f"row {request_id!r}: empty prompt")
-        if len(prompt_ids) >= self.facts.max_model_len:
-            raise ValueError(f"row {request_id!r}: prompt of {len(prompt_ids)} tokens leaves no "
-                             f"room to generate within max_model_len {self.facts.max_model_len}")
+        """Queue a request. The one check of a prompt's length (prompts are never truncated): a
+        prompt that leaves no room for one new token is a ValueError naming the row."""
+        n, limit = len(prompt_ids), self.facts.max_model_len
+        if not n:
+            raise ValueError(f"row id {request_id!r}: empty prompt")
+        if n >= limit:
+            raise ValueError(f"row id {request_id!r}: prompt of {n} tokens does not fit the context "
+                             f"(max_model_len {limit}, room for at least one new token needed); "
+                             "prompts are not truncated")
         seq = Sequence(self._next_id, request_id, list(prompt_ids), params,
                        arrival=time.perf_counter())
         if params.stop and self.tokenizer is not None:

@@ -40,11 +40,6 @@ def zero_new_blocks(caches: list[tuple[torch.Tensor, torch.Tensor]], start: int,
             v[start:end].zero_()
 
 
-def kv_bytes_per_token(num_layers: int, kv_heads_local: int, head_dim: int,
-                       dtype: torch.dtype) -> int:
-    return 2 * num_layers * kv_heads_local * head_dim * dtype.itemsize
-
-
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  dynamic_max_pos: int | None = None):

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from internlm2_tp.engine.params import SamplingParams
+
+
 def _s64(c: int) -> int:
     """Reinterpret an unsigned 64-bit constant as a signed int64."""
     return c - (1 << 64) if c >= (1 << 63) else c
@@ -26,58 +29,6 @@ def _s64(c: int) -> int:
 _GOLDEN = _s64(0x9E3779B97F4A7C15)
 _MIX1 = _s64(0xBF58476D1CE4E5B9)
 _MIX2 = _s64(0x94D049BB133111EB)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0          # 0 -> greedy
-    top_p: float = 1.0                # (0, 1]
-    top_k: int = 0                    # 0 = off
-    repetition_penalty: float = 1.0   # HF semantics, > 0
-    seed: int = 0                     # any int64
-    ignore_eos: bool = False
-    stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()        # stop strings: handled by the engine
-
-    def __post_init__(self) -> None:
-        def bad(field: str, msg: str) -> ValueError:
-            return ValueError(f"SamplingParams.{field} {msg}, got {getattr(self, field)!r}")
-
-        def is_int(x) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        def num(x) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise bad("max_new_tokens", "must be an int >= 1")
-        if not num(self.temperature) or not 0 <= self.temperature < float("inf"):
-            raise bad("temperature", "must be a finite number >= 0")
-        if not num(self.top_p) or not 0 < self.top_p <= 1:
-            raise bad("top_p", "must be in (0, 1]")
-        if not is_int(self.top_k) or self.top_k < 0:
-            raise bad("top_k", "must be an int: 0 (off) or >= 1")
-        if not num(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
-            raise bad("repetition_penalty", "must be a finite number > 0")
-        if not is_int(self.seed) or not -(1 << 63) <= self.seed < (1 << 63):
-            raise bad("seed", "must be an int in the int64 range")
-        if not isinstance(self.ignore_eos, bool):
-            raise bad("ignore_eos", "must be a bool")
-        # Accept lists (and a bare stop string); store tuples so the dataclass stays hashable.
-        if isinstance(self.stop_token_ids, list):
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if isinstance(self.stop, (list, str)):
-            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        ids, stop = self.stop_token_ids, self.stop
-        if not isinstance(ids, tuple) or not all(is_int(i) and i >= 0 for i in ids):
-            raise bad("stop_token_ids", "must be a tuple of non-negative ints")
-        if not isinstance(stop, tuple) or not all(isinstance(x, str) and x for x in stop):
-            raise bad("stop", "must be a tuple of non-empty strings")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 # ---------------------------------------------------------------------------- RNG
@@ -119,8 +70,6 @@ class BatchSamplingState:
     top_k: torch.Tensor         # [B] int64, 0 = off
     penalty: torch.Tensor       # [B] float32
     seed: torch.Tensor          # [B] int64
-    max_new_tokens: torch.Tensor  # [B] int64
-    stop_ids: torch.Tensor      # [B, S] int64, padded with -1 (eos unless ignore_eos + stop_token_ids)
     all_greedy: bool
     any_greedy: bool
     max_top_k: int              # max over rows (0 if none): width of the top-k fast path
@@ -129,21 +78,17 @@ class BatchSamplingState:
     any_penalty: bool
 
     @classmethod
-    def build(cls, params: list[SamplingParams], eos_ids: tuple[int, ...] = (),
+    def build(cls, params: list[SamplingParams],
               device: torch.device | str | None = None) -> "BatchSamplingState":
         def t(vals, dtype):
             return torch.tensor(vals, dtype=dtype, device=device)
 
-        stops = [tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(eos_ids)) for p in params]
-        width = max((len(s) for s in stops), default=0)
         return cls(
             temperature=t([p.temperature for p in params], torch.float32),
             top_p=t([p.top_p for p in params], torch.float32),
             top_k=t([p.top_k for p in params], torch.int64),
             penalty=t([p.repetition_penalty for p in params], torch.float32),
             seed=t([p.seed for p in params], torch.int64),
-            max_new_tokens=t([p.max_new_tokens for p in params], torch.int64),
-            stop_ids=t([list(s) + [-1] * (width - len(s)) for s in stops], torch.int64).view(len(params), width),
             all_greedy=all(p.greedy for p in params),
             any_greedy=any(p.greedy for p in params),
             max_top_k=max((p.top_k for p in params), default=0),
@@ -269,30 +214,3 @@ def sample(logits: torch.Tensor, state: BatchSamplingState, step: torch.Tensor,
     if state.any_greedy:
         picked = torch.where(greedy, torch.argmax(logits, dim=-1), picked)
     return picked
-
-
-# ---------------------------------------------------------------------------- stopping
-def check_stop(token: int, params: SamplingParams, eos_ids: tuple[int, ...],
-               num_generated: int) -> str | None:
-    """"stop" for eos (unless ignore_eos) or a stop token id, "length" at the budget, else None."""
-    if (token in eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
-        return "stop"
-    if num_generated >= params.max_new_tokens:
-        return "length"
-    return None
-
-
-STOP_NONE, STOP_TOKEN, STOP_LENGTH = 0, 1, 2
-
-
-def check_stop_batch(tokens: torch.Tensor, state: BatchSamplingState,
-                     num_generated: torch.Tensor) -> torch.Tensor:
-    """Vectorized check_stop: [B] int64 codes STOP_NONE / STOP_TOKEN / STOP_LENGTH.
-
-    Uses ``state.stop_ids``, so the eos ids must have been passed to ``build``.
-    """
-    stop_ids = state.stop_ids.to(tokens.device)
-    hit = (stop_ids == tokens.unsqueeze(1)).any(dim=1)
-    length = num_generated.to(tokens.device) >= state.max_new_tokens.to(tokens.device)
-    code = torch.where(length, STOP_LENGTH, STOP_NONE)
-    return torch.where(hit, STOP_TOKEN, code).to(torch.int64)

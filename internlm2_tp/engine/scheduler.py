@@ -15,21 +15,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from internlm2_tp.engine.config import EngineConfig
 from internlm2_tp.engine.kv_cache import BlockManager
 from internlm2_tp.engine.sequence import Sequence, Status
-
-
-@dataclass
-class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"engine.max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError("engine.max_num_batched_tokens must be >= 1, got "
-                             f"{self.max_num_batched_tokens}")
 
 
 @dataclass
@@ -44,16 +32,14 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager):
         self.cfg, self.blocks = cfg, blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        if self.blocks.blocks_for(seq.num_tokens + 1) > self.blocks.num_blocks:
-            raise ValueError(f"row {seq.request_id!r}: {seq.num_tokens} tokens cannot fit in a KV "
-                             f"cache of {self.blocks.num_blocks * self.blocks.block_size} tokens")
+        """The engine checked that seq fits the cache (max_model_len <= its tokens)."""
         self.waiting.append(seq)
 
     def has_work(self) -> bool:

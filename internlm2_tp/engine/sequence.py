@@ -5,7 +5,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from internlm2_tp.engine.sampler import SamplingParams
+from internlm2_tp.engine.params import SamplingParams
 
 
 class Status(enum.Enum):

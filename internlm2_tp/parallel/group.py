@@ -56,21 +56,19 @@ class TPGroup:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def agree_min(self, value: int) -> tuple[int, list[int]]:
-        """(the smallest of the ranks' values, every rank's value): one decision for all."""
-        every = [int(v) for v in self.all_gather_object(int(value))]  # type: ignore[arg-type]
-        return min(every), every
-
     def broadcast_object(self, obj: object, src: int = 0) -> object:
+        """`obj` as rank `src` has it (the shared-memory collectives' file name)."""
         if self.size == 1:
             return obj
         box = [obj]
         dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier(group=self.group)
+    def agree_min(self, value: int) -> tuple[int, list[int]]:
+        """(the smallest of the ranks' values, every rank's value): one decision for all."""
+        every = [int(v) for v in self.all_gather_object(int(value))]  # type: ignore[arg-type]
+        return min(every), every
+
 
 
 def init_tp_group(platform: Platform | str, rank: int, size: int, master_addr: str,

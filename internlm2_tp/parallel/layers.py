@@ -1,5 +1,6 @@
 """Tensor-parallel layers, each with its weight loader beside it, so the per-rank shapes are in
-`__init__` and the slicing rules are next to them.
+`__init__` and the slicing rules are next to them. Every layer loads the same way:
+`load(reader, names)` with the checkpoint tensor name(s) it is made of (model.WEIGHT_NAMES).
 
 No layer communicates on its own: the ones whose output is a partial sum (RowParallelLinear,
 VocabParallelEmbedding) or a vocab shard (ParallelLMHead) say so, and the model calls the
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from internlm2_tp.checkpoint import CheckpointReader
+from internlm2_tp.config import kv_heads_per_rank
 from internlm2_tp.ops import TorchOps, linear
 from internlm2_tp.parallel.group import TPGroup
 
@@ -52,36 +54,25 @@ class StagingPool:
 
 
 class ShardedLinear(nn.Module):
-    """Base: a bias-free weight [out_local, in_local] and a record of which parts were loaded."""
+    """Base: a bias-free weight [out_local, in_local]; subclasses add `load(reader, names)`."""
 
     packable = True   # a matmul weight, re-laid out for oneDNN on CPU after loading
 
-    def __init__(self, out_local: int, in_local: int, parts: int, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(self, out_local: int, in_local: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=dtype, device=device),
                                    requires_grad=False)
-        self.parts_needed = parts
-        self.parts_loaded: set[object] = set()
         self.packed: torch.Tensor | None = None   # oneDNN layout on CPU, see pack()
-
-    @property
-    def fully_loaded(self) -> bool:
-        return len(self.parts_loaded) == self.parts_needed
-
-    def _put(self, part: object, rows: slice, block: torch.Tensor) -> None:
-        self.weight.data[rows].copy_(block)
-        self.parts_loaded.add(part)
 
     def packs(self, ops: Any, weight: torch.Tensor) -> bool:
         """Whether pack() re-lays this weight out under `ops`."""
         return self.packable and ops.packs_linear_weight(weight)
 
     def stage(self, pool: StagingPool, ops: Any = CPU_OPS) -> None:
-        """Before the first part loads: take the dense weight from `pool` when pack() will
-        re-lay it out (it is only a staging area then)."""
+        """Before loading: take the dense weight from `pool` when pack() will re-lay it out (it
+        is only a staging area then)."""
         w = self.weight.data
-        if not self.parts_loaded and w.numel() and self.packs(ops, w):
+        if w.numel() and self.packs(ops, w):
             self.weight.data = pool.take(w.shape, w.dtype, w.device)
 
     def pack(self, pool: StagingPool | None = None, ops: Any = CPU_OPS) -> None:
@@ -100,40 +91,25 @@ class ShardedLinear(nn.Module):
         return linear(x, self.weight, self.packed)
 
 
-class ColumnParallelLinear(ShardedLinear):
-    """y = x W^T with W's output rows split evenly: rank r holds rows [r*out/tp, (r+1)*out/tp)."""
-
-    def __init__(self, in_features: int, out_features: int, tp: TPGroup, dtype: torch.dtype,
-                 device: torch.device):
-        assert out_features % tp.size == 0, (out_features, tp.size)
-        self.out_local = out_features // tp.size
-        super().__init__(self.out_local, in_features, 1, dtype, device)
-        self.full_shape = (out_features, in_features)
-        self.tp = tp
-
-    def load(self, reader: CheckpointReader, name: str) -> None:
-        reader.expect_shape(name, self.full_shape)
-        lo = self.tp.rank * self.out_local
-        self._put(name, slice(None), reader.read(name, rows=(lo, lo + self.out_local)))
-
-
 class MergedColumnParallelLinear(ShardedLinear):
-    """Several column-parallel weights stacked into one matmul (gate and up: w1, w3).
-    Local layout: [part0 rows of this rank | part1 rows of this rank | ...]."""
+    """Column-parallel weights (output rows split evenly over the ranks) stacked into one matmul
+    (gate and up: w1, w3). Local layout: [part0 rows of this rank | part1 rows of this rank | ...]."""
 
     def __init__(self, in_features: int, out_features: list[int], tp: TPGroup, dtype: torch.dtype,
                  device: torch.device):
         assert all(o % tp.size == 0 for o in out_features), (out_features, tp.size)
         self.locals = [o // tp.size for o in out_features]
-        super().__init__(sum(self.locals), in_features, len(out_features), dtype, device)
+        super().__init__(sum(self.locals), in_features, dtype, device)
         self.out_features, self.in_features, self.tp = out_features, in_features, tp
 
-    def load(self, reader: CheckpointReader, name: str, part: int) -> None:
-        reader.expect_shape(name, (self.out_features[part], self.in_features))
-        n = self.locals[part]
-        start = sum(self.locals[:part])
-        lo = self.tp.rank * n
-        self._put(part, slice(start, start + n), reader.read(name, rows=(lo, lo + n)))
+    def load(self, reader: CheckpointReader, names: tuple[str, ...]) -> None:
+        """One checkpoint tensor per part, in order."""
+        start = 0
+        for name, full, n in zip(names, self.out_features, self.locals, strict=True):
+            reader.expect_shape(name, (full, self.in_features))
+            lo = self.tp.rank * n
+            self.weight.data[start:start + n].copy_(reader.read(name, rows=(lo, lo + n)))
+            start += n
 
 
 class RowParallelLinear(ShardedLinear):
@@ -144,14 +120,15 @@ class RowParallelLinear(ShardedLinear):
                  device: torch.device):
         assert in_features % tp.size == 0, (in_features, tp.size)
         self.in_local = in_features // tp.size
-        super().__init__(out_features, self.in_local, 1, dtype, device)
+        super().__init__(out_features, self.in_local, dtype, device)
         self.full_shape = (out_features, in_features)
         self.tp = tp
 
-    def load(self, reader: CheckpointReader, name: str) -> None:
+    def load(self, reader: CheckpointReader, names: tuple[str, ...]) -> None:
+        (name,) = names
         reader.expect_shape(name, self.full_shape)
         lo = self.tp.rank * self.in_local
-        self._put(name, slice(None), reader.read(name, cols=(lo, lo + self.in_local)))
+        self.weight.data.copy_(reader.read(name, cols=(lo, lo + self.in_local)))
 
 
 class QKVParallelLinear(ShardedLinear):
@@ -169,11 +146,11 @@ class QKVParallelLinear(ShardedLinear):
         self.heads, self.kv_heads, self.head_dim, self.hidden = heads, kv_heads, head_dim, hidden
         self.g = heads // kv_heads
         self.q_local = heads // tp.size
-        self.kv_local = max(1, kv_heads // tp.size)
+        self.kv_local = kv_heads_per_rank(kv_heads, tp.size)
         self.q0 = tp.rank * self.q_local                      # first q head of this rank
         self.kv0 = self.q0 // self.g                          # first KV head of this rank
         rows = (self.q_local + 2 * self.kv_local) * head_dim
-        super().__init__(rows, hidden, 1, dtype, device)
+        super().__init__(rows, hidden, dtype, device)
         self.tp = tp
 
     @property
@@ -184,7 +161,14 @@ class QKVParallelLinear(ShardedLinear):
     def kv_size(self) -> int:
         return self.kv_local * self.head_dim
 
-    def load_fused(self, reader: CheckpointReader, name: str) -> None:
+    def load(self, reader: CheckpointReader, names: tuple[str, ...]) -> None:
+        """InternLM2's fused `wqkv` (one name) or the Llama layout's q, k, v projections."""
+        if len(names) == 1:
+            self._load_fused(reader, names[0])
+        else:
+            self._load_split(reader, *names)
+
+    def _load_fused(self, reader: CheckpointReader, name: str) -> None:
         """From InternLM2's grouped `wqkv`."""
         d, g, q, kv = self.head_dim, self.g, self.q_size, self.kv_size
         reader.expect_shape(name, ((self.heads + 2 * self.kv_heads) * d, self.hidden))
@@ -202,9 +186,8 @@ class QKVParallelLinear(ShardedLinear):
             w[:q].copy_(reader.read(name, rows=(base + j * d, base + j * d + q)))
             w[q:q + kv].copy_(reader.read(name, rows=(base + g * d, base + (g + 1) * d)))
             w[q + kv:].copy_(reader.read(name, rows=(base + (g + 1) * d, base + (g + 2) * d)))
-        self.parts_loaded.add(name)
 
-    def load_split(self, reader: CheckpointReader, q_name: str, k_name: str, v_name: str) -> None:
+    def _load_split(self, reader: CheckpointReader, q_name: str, k_name: str, v_name: str) -> None:
         """From the Llama layout's separate q_proj / k_proj / v_proj (same head order)."""
         d, q, kv = self.head_dim, self.q_size, self.kv_size
         reader.expect_shape(q_name, (self.heads * d, self.hidden))
@@ -214,7 +197,6 @@ class QKVParallelLinear(ShardedLinear):
         w[:q].copy_(reader.read(q_name, rows=(self.q0 * d, self.q0 * d + q)))
         w[q:q + kv].copy_(reader.read(k_name, rows=(self.kv0 * d, self.kv0 * d + kv)))
         w[q + kv:].copy_(reader.read(v_name, rows=(self.kv0 * d, self.kv0 * d + kv)))
-        self.parts_loaded.add(q_name)
 
 
 class VocabParallelEmbedding(ShardedLinear):
@@ -237,9 +219,10 @@ class VocabParallelEmbedding(ShardedLinear):
         self.start = tp.rank * self.per_rank
         self.end = min(self.start + self.per_rank, vocab)  # rows past `end` are padding
         self.out_dtype = dtype
-        super().__init__(self.per_rank, hidden, 1, dtype, device)
+        super().__init__(self.per_rank, hidden, dtype, device)
 
-    def load(self, reader: CheckpointReader, name: str) -> None:
+    def load(self, reader: CheckpointReader, names: tuple[str, ...]) -> None:
+        (name,) = names
         reader.expect_shape(name, (self.vocab, self.hidden))
         stored = reader.dtype(name)
         if (self.keep_checkpoint_dtype and stored in (torch.bfloat16, torch.float16)
@@ -250,7 +233,6 @@ class VocabParallelEmbedding(ShardedLinear):
         if n:
             w[:n].copy_(reader.read(name, rows=(self.start, self.end)))
         w[n:].zero_()
-        self.parts_loaded.add(name)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden] out_dtype
         if self.tp.size == 1:

@@ -13,52 +13,49 @@ import hashlib
 import logging
 import sys
 import time
-from collections import deque
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator
 
 from tqdm import tqdm
 
-from internlm2_tp.checkpoint import CheckpointError
-from internlm2_tp.cli import user_errors
 from internlm2_tp.config import ModelConfig, check_tp
-from internlm2_tp.job_config import JobConfig, JobConfigError
+from internlm2_tp.engine.cache_plan import RuntimeFacts
+from internlm2_tp.errors import CheckpointError, JobConfigError, JobFailed, UserError
+from internlm2_tp.job_config import JobConfig
+from internlm2_tp.runtime import storage
+from internlm2_tp.runtime.dispatch import Dispatcher, JobStats
+from internlm2_tp.runtime.input_types import InputColumns, InputRow
 from internlm2_tp.runtime.interrupts import InterruptGuard
-from internlm2_tp.runtime.io import InputColumns, InputRow, plan_input, would_read
-from internlm2_tp.runtime.output import ShardWriter, prepare_output_dir, write_manifest
+from internlm2_tp.runtime.io import plan_input
+from internlm2_tp.runtime.output import OutputRow, ShardWriter
+from internlm2_tp.runtime.output_dir import prepare_output_dir, write_manifest
+from internlm2_tp.runtime.pool import Pool
 from internlm2_tp.runtime.preflight import check_checkpoint
-from internlm2_tp.runtime.rows import Request, base_params, error_row, finished_row, to_request
+from internlm2_tp.runtime.rows import error_row, finished_row, to_request
+from internlm2_tp.runtime.sources import inputs_inside, would_read
 from internlm2_tp.runtime.stream import iter_rows
 from internlm2_tp.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from internlm2_tp.engine.engine import Finished
+
 log = logging.getLogger(__name__)
-
-
-class JobFailed(RuntimeError):
-    pass
-
-
-class Pool(Protocol):
-    """Tensor-parallel groups the driver feeds (Ray actors, or torchrun ranks)."""
-    num_groups: int
-
-    def start(self) -> list[dict]: ...                        # rank-0 facts of each group
-    def submit(self, g: int, requests: list[Request], return_after: int) -> None: ...
-    def wait(self) -> tuple[int, Any, dict]: ...              # (group, finished | Exception, stats)
-    def restart(self, g: int) -> dict: ...
-    def shutdown(self) -> None: ...
 
 
 def fingerprint(cfg: JobConfig, mcfg: ModelConfig) -> dict:
     """What makes two runs' outputs comparable; a resumed run must match it."""
     cfg_sha = hashlib.sha256(Path(mcfg.source).read_bytes()).hexdigest()
     d = cfg.data
+    data = {"input": storage.canonical(d.input), "id_column": d.id_column,
+            "prompt_column": d.prompt_column, "messages_column": d.messages_column,
+            "token_ids_column": d.token_ids_column}
+    # Added keys appear only when set, so an output directory of an older version still resumes.
+    data.update({k: v for k, v in (("carry_columns", list(d.carry_columns)), ("format", d.format))
+                 if v not in ([], "auto")})
     return {"model": {"path": str(Path(cfg.model.path).resolve()), "config_sha256": cfg_sha,
                       "dtype": cfg.model.dtype},
-            "generation": asdict(cfg.generation),
-            "data": {"input": d.input, "id_column": d.id_column, "prompt_column": d.prompt_column,
-                     "messages_column": d.messages_column, "token_ids_column": d.token_ids_column}}
+            "generation": asdict(cfg.generation), "data": data}
 
 
 class Job:
@@ -68,9 +65,10 @@ class Job:
         if not cfg.model.path:
             raise JobConfigError("model.path is required (an InternLM2 or Llama-layout HF checkpoint dir)")
         if not d.input:
-            raise JobConfigError("data.input is required (a Parquet file, directory or glob)")
+            raise JobConfigError("data.input is required (a Parquet or JSON Lines file, directory "
+                                 "or glob; a local path or URI)")
         if not d.output:
-            raise JobConfigError("data.output is required (a directory)")
+            raise JobConfigError("data.output is required (a directory or object-store prefix)")
         self.mcfg = ModelConfig.from_dir(cfg.model.path)
         check_tp(self.mcfg, cfg.parallel.tp)
         check_checkpoint(cfg.model.path, self.mcfg)   # a dry load: names the file and tensor
@@ -83,20 +81,20 @@ class Job:
                                         d.token_ids_column)
         except ValueError as e:
             raise JobConfigError(f"data.*_column: {e}") from e
-        self.plan = plan_input(d.input, self.columns)           # job-level input errors: here
-        self.out = Path(d.output)
-        out = self.out.resolve()
-        inside = [f for f in self.plan.files if f.resolve() == out or out in f.resolve().parents]
+        # job-level input errors: here (an unreachable store, bad credentials too)
+        self.plan = plan_input(d.input, self.columns, d.carry_columns, d.format)
+        self.out = storage.resolve(d.output, "data.output")
+        inside = inputs_inside(self.plan, self.out)
         if inside:
             raise JobConfigError(f"data.output {d.output!r} contains input file {inside[0]}: the "
                                  "output shards would be read back as input; choose an output "
                                  "directory outside data.input")
-        if would_read(d.input, self.out / "part-x-00000.parquet"):
+        if would_read(d.input, self.out.child("part-x-00000.parquet")):
             raise JobConfigError(f"data.output {d.output!r} is inside data.input {d.input!r}: "
                                  "its shards would be read as input by the rerun; choose an "
                                  "output directory outside data.input")
         self.done_ids = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg), d.overwrite)
-        self.base = base_params(cfg.generation)
+        self.base = cfg.generation.sampling_params()
         self.todo = self.plan.num_rows - (len(self.done_ids) if self.done_ids is not None else 0)
 
     def _rows(self) -> Iterator[InputRow]:
@@ -110,16 +108,15 @@ class Job:
         cfg, t0 = self.cfg, time.time()
         log.info("%d rows in %d file(s); %d already done in %s; %d to run",
                  self.plan.num_rows, len(self.plan.files), self.plan.num_rows - self.todo,
-                 self.out, self.todo)
-        stats = {"rows": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                 "group_restarts": 0}
-        writer = ShardWriter(self.out, self.plan.id_type, cfg.data.shard_rows)
+                 self.out.uri, self.todo)
+        writer = ShardWriter(self.out, self.plan.id_type, cfg.data.shard_rows,
+                             carry=self.plan.carry_schema)
         bar = tqdm(total=self.todo, unit="row", file=sys.stderr, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 10)
         guard = InterruptGuard()
         with guard:
             try:
-                f0 = self._loop(pool, writer, stats, bar, guard, t0)
+                facts, stats = self._loop(pool, writer, bar, guard, t0)
             except Exception:
                 guard.check()   # a Ctrl-C / SIGTERM that surfaced as another error inside Ray
                 raise
@@ -131,108 +128,43 @@ class Job:
                         bar.close()
                         _shutdown(pool)
         wall = time.time() - t0
-        manifest = {"rows_total": self.plan.num_rows, "rows_this_run": stats["rows"],
-                    "rows_done_before": self.plan.num_rows - self.todo, **stats,
+        manifest = {"rows_total": self.plan.num_rows, "rows_this_run": stats.rows,
+                    "rows_done_before": self.plan.num_rows - self.todo, **asdict(stats),
                     "wall_s": round(wall, 3),
-                    "rows_per_s": round(stats["rows"] / wall, 3),
-                    "output_tokens_per_s": round(stats["completion_tokens"] / wall, 3),
-                    "shards_written": [p.name for p in writer.files],
-                    "memory_plan": f0, "config": self.cfg.to_dict()}
+                    "rows_per_s": round(stats.rows / wall, 3),
+                    "output_tokens_per_s": round(stats.completion_tokens / wall, 3),
+                    "shards_written": list(writer.files),
+                    "memory_plan": asdict(facts), "config": self.cfg.to_dict()}
         write_manifest(self.out, manifest)
         return manifest
 
-    def _start(self, pool: Pool) -> dict:
+    def _start(self, pool: Pool) -> RuntimeFacts:
         try:
             facts = pool.start()
-        except (JobFailed, *user_errors()):  # a bad checkpoint found by a rank: exit code 2
+        except (JobFailed, UserError):  # a bad checkpoint found by a rank: exit code 2
             raise
         except Exception as e:  # noqa: BLE001 - placement, actor start, rendezvous, load
             raise JobFailed(f"the tensor-parallel group(s) could not start: {e}") from e
         return facts[0]["facts"]
 
-    def _loop(self, pool: Pool, writer: ShardWriter, stats: dict, bar: tqdm,
-              guard: InterruptGuard, t0: float) -> dict:
+    def _loop(self, pool: Pool, writer: ShardWriter, bar: tqdm, guard: InterruptGuard,
+              t0: float) -> tuple[RuntimeFacts, JobStats]:
+        facts = self._start(pool)
+        log.info("memory plan per rank: %s", facts.describe())
         cfg = self.cfg
-        f0 = self._start(pool)
-        log.info("memory plan per rank: %s", _describe(f0))
-        max_len, eos = f0["max_model_len"], tuple(f0["eos_ids"])
-        cap = cfg.ray.inflight_per_group or 2 * cfg.engine.max_num_seqs
-        return_after = max(1, cap // 4)
-        rows, retry = self._rows(), deque()
-        inflight: list[dict[Any, Request]] = [{} for _ in range(pool.num_groups)]
-        restarts = [0] * pool.num_groups
 
-        def put(row) -> None:
-            with guard.critical():   # a row is in the shard buffer (or written) exactly once
-                writer.add(row)
-            stats["rows"] += 1
-            stats["errors"] += row.finish_reason == "error"
-            stats["prompt_tokens"] += row.prompt_tokens
-            stats["completion_tokens"] += row.completion_tokens
-            bar.update(1)
+        def output(f: Finished) -> OutputRow:
+            if f.error:
+                return error_row(f.request_id, f.error, f.prompt_tokens)
+            return finished_row(f.request_id, f.prompt_tokens, f.output_ids, f.finish_reason,
+                                f.stop_text, self.tok, facts.eos_ids)
 
-        def take(n: int) -> list[Request]:
-            out: list[Request] = []
-            while len(out) < n and retry:
-                out.append(retry.popleft())
-            while len(out) < n:
-                row = next(rows, None)
-                if row is None:
-                    break
-                r = to_request(row, self.tok, self.base, self.mcfg.vocab_size, max_len)
-                if isinstance(r, Request):
-                    out.append(r)
-                else:
-                    put(r)
-            return out
-
-        def feed(g: int) -> bool:
-            new = take(cap - len(inflight[g]))
-            inflight[g].update((r.row_id, r) for r in new)
-            if inflight[g]:
-                pool.submit(g, new, return_after)
-            return bool(inflight[g])
-
-        def recover(g: int, cause: BaseException) -> None:
-            """Requeue the group's unfinished rows and rebuild it; a failed rebuild is one more
-            failure. Past ray.max_group_restarts the job fails, naming the group and cause."""
-            retry.extendleft(reversed(list(inflight[g].values())))
-            n, limit = len(inflight[g]), cfg.ray.max_group_restarts
-            inflight[g].clear()
-            while True:
-                guard.check()   # a rebuild interrupted by Ctrl-C is not a group failure
-                restarts[g] += 1
-                stats["group_restarts"] += 1
-                if restarts[g] > limit:
-                    raise JobFailed(f"group {g} failed {restarts[g]} times "
-                                    f"(ray.max_group_restarts={limit}); last cause: {cause}")
-                log.warning("group %d failed (%s); rebuilding (%d/%d), re-running its %d "
-                            "unfinished rows", g, cause, restarts[g], limit, n)
-                try:
-                    pool.restart(g)
-                    return
-                except JobFailed as e:   # the pool cannot rebuild groups (torchrun)
-                    raise JobFailed(f"group {g} failed: {cause}; {e}") from e
-                except Exception as e:  # noqa: BLE001 - counts as another failure
-                    cause = e
-
-        busy = {g for g in range(pool.num_groups) if feed(g)}
-        while busy:
-            guard.check()
-            g, result, st = pool.wait()
-            if isinstance(result, Exception):
-                recover(g, result)
-            else:
-                for f in result:
-                    inflight[g].pop(f.request_id)
-                    put(error_row(f.request_id, f.error, f.prompt_tokens) if f.error else
-                        finished_row(f.request_id, f.prompt_tokens, f.output_ids,
-                                     f.finish_reason, f.stop_text, self.tok, eos))
-                el = max(time.time() - t0, 1e-9)
-                bar.set_postfix_str(f"{stats['completion_tokens'] / el:.0f} tok/s", refresh=False)
-            if not feed(g):
-                busy.discard(g)
-        return f0
+        run = Dispatcher(pool, self._rows(),
+                         lambda row: to_request(row, self.tok, self.base, self.mcfg.vocab_size),
+                         output, writer, bar, guard,
+                         cap=cfg.ray.inflight_per_group or 2 * cfg.engine.max_num_seqs,
+                         max_restarts=cfg.ray.max_group_restarts, t0=t0)
+        return facts, run.run()
 
 
 def _shutdown(pool: Pool) -> None:
@@ -241,8 +173,3 @@ def _shutdown(pool: Pool) -> None:
     except Exception as e:  # noqa: BLE001 - the job's own outcome matters more
         log.warning("pool shutdown: %s", e)
 
-
-def _describe(f: dict) -> str:
-    return (f"weights {f['weight_bytes'] / 2**30:.3f} GiB, KV {f['kv_bytes_per_token']} B/token, "
-            f"cache {f['num_blocks']} blocks x {f['block_size']} = {f['cache_tokens']} tokens, "
-            f"max_model_len {f['max_model_len']}")

@@ -13,8 +13,9 @@ import logging
 
 import torch
 
-from internlm2_tp.checkpoint import CheckpointError, CheckpointReader, Range
+from internlm2_tp.checkpoint import CheckpointReader, Range
 from internlm2_tp.config import ModelConfig
+from internlm2_tp.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 META = torch.device("meta")
@@ -40,7 +41,7 @@ class _DryReader(CheckpointReader):
 def check_checkpoint(path: str, cfg: ModelConfig) -> None:
     """Raise CheckpointError naming the file/tensor if the ranks could not load `path`."""
     from internlm2_tp.model import InternLM2Model
-    from internlm2_tp.parallel.device import TPGroup
+    from internlm2_tp.parallel.group import TPGroup
 
     reader = _DryReader(path)          # index, files, safetensors headers, dtypes, truncation
     try:

@@ -6,9 +6,12 @@ ASCEND_RT_VISIBLE_DEVICES and the actor's device is logical npu:0), {"GPU": 1} o
 bundles on CPU. Rendezvous is on loopback inside the node; the backend is the device's
 (hccl / nccl / gloo), bounded by parallel.timeout_s (and HCCL_* on Ascend).
 
-Nothing the group waits on is unbounded: every `ray.get` has a timeout, and while a run is in
-flight each rank answers a health check on its own thread (the `health` concurrency group), so
-a rank that is stopped, hung outside a collective, or dead is noticed within parallel.timeout_s.
+Nothing the group waits on is unbounded, and no wait is long: every wait is bounded by
+parallel.timeout_s and returns to Python every fraction of a second (ray_placement.wait_all),
+so SIGTERM and Ctrl-C act at once. A group no node can hold fails before any wait (exit 2); a
+pending one logs what it waits for. While a run is in flight each rank answers a health check on
+its own thread (the `health` concurrency group), so a rank that is stopped, hung outside a
+collective, or dead is noticed within parallel.timeout_s.
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from internlm2_tp.errors import GroupFailed, PlacementTimeout, UserError
 from internlm2_tp.parallel.group import free_port
 from internlm2_tp.parallel.platform import PLATFORMS
+from internlm2_tp.runtime.ray_placement import await_placement, check_fits, shape, wait_all
 from internlm2_tp.runtime.rows import Request
 from internlm2_tp.runtime.worker import Worker, WorkerSpec, digest
 
@@ -35,8 +40,11 @@ log = logging.getLogger(__name__)
 RANK_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
-class GroupFailed(RuntimeError):
-    """A rank of a group died, failed or hung; the group must be rebuilt."""
+def get(refs: Any, timeout_s: float) -> Any:
+    """ray.get with the wait done in short slices (signals act), bounded by `timeout_s`."""
+    if not wait_all(refs if isinstance(refs, list) else [refs], timeout_s):
+        raise ray.exceptions.GetTimeoutError(f"not ready within {timeout_s:g}s")
+    return ray.get(refs)
 
 
 def device_resources(device: str, cpus: float) -> tuple[dict[str, float], dict[str, Any]]:
@@ -72,6 +80,7 @@ class RayGroup:
         self.actors: list[Any] = []
         self.pg = None
         self.pids: list[int] = []
+        self.ready = False                 # every rank loaded its shard
         self.refs: list[Any] = []          # the run in flight: one ref per rank
         self.digests: dict[int, str] = {}  # ranks > 0 that already answered this run
         self.ping: tuple[list[Any], float] | None = None
@@ -84,14 +93,18 @@ class RayGroup:
     def launch(self) -> list[Any]:
         """Place the group, create its actors and start loading; returns the setup refs."""
         bundle, opts = device_resources(self.device, self.cpus)
-        self.pg = placement_group([dict(bundle) for _ in range(self.base.tp)],
-                                  strategy="STRICT_PACK", name="")
-        done, _ = ray.wait([self.pg.ready()], timeout=self.timeout_s)
-        if not done:
+        bundles = [dict(bundle) for _ in range(self.base.tp)]
+        what = f"group {self.index}"
+        note = check_fits(bundles, 1, what)   # ClusterError (exit 2) if no node can hold it
+        if note:
+            log.warning("%s does not fit any live node; waiting: %s", what, note)
+        self.pg = placement_group(bundles, strategy="STRICT_PACK", name="")
+        if not await_placement(self.pg, bundles, what, self.timeout_s):
             self.kill()
-            raise GroupFailed(f"group {self.index}: Ray could not place {self.base.tp} x {bundle} "
-                              f"on one node within parallel.timeout_s={self.timeout_s:.0f}s "
-                              f"(cluster resources: {ray.cluster_resources()})")
+            raise PlacementTimeout(f"{what} not placed within parallel.timeout_s="
+                                   f"{self.timeout_s:g}s: other work holds what it needs ("
+                                   f"{shape(bundles)})")
+        log.info("%s placed: starting %d rank(s)", what, self.base.tp)
         self.actors = [
             RankActor.options(**opts, max_restarts=0, runtime_env=RANK_RUNTIME_ENV,
                               scheduling_strategy=
@@ -99,10 +112,9 @@ class RayGroup:
                               ).remote(replace(self.base, rank=r))
             for r in range(self.base.tp)]
         try:
-            port = ray.get(self.actors[0].free_port.remote(), timeout=self.timeout_s)
+            port = get(self.actors[0].free_port.remote(), self.timeout_s)
             # Every actor of the group is on one node (STRICT_PACK): rendezvous over loopback.
-            ray.get([a.set_master.remote("127.0.0.1", port) for a in self.actors],
-                    timeout=self.timeout_s)
+            get([a.set_master.remote("127.0.0.1", port) for a in self.actors], self.timeout_s)
         except Exception as e:  # noqa: BLE001
             self.kill()
             raise GroupFailed(f"group {self.index}: actors did not start: {_short(e)}") from e
@@ -111,23 +123,23 @@ class RayGroup:
     def await_ready(self, refs: list[Any]) -> list[dict]:
         """Rank facts once every rank loaded its shard. A bad checkpoint found by a rank is
         re-raised as itself (a user error); anything else is GroupFailed."""
-        from internlm2_tp.cli import user_errors
         try:
-            facts = ray.get(refs, timeout=self.timeout_s)
+            facts = get(refs, self.timeout_s)
         except Exception as e:  # noqa: BLE001
             self.kill()
             cause = getattr(e, "cause", None)
-            if isinstance(cause, user_errors()):
+            if isinstance(cause, UserError):
                 raise cause from None
             raise GroupFailed(f"group {self.index}: start failed: {_short(e)}") from e
         self.pids = [f["pid"] for f in facts]
         self.last_ok = time.monotonic()
+        self.ready = True
         log.info("group %d ready: %d rank(s), pids %s", self.index, len(facts), self.pids)
         return facts
 
     def kill(self) -> None:
         """Kill the actors (a stopped or hung process too) and free the placement group."""
-        self.refs, self.digests, self.ping = [], {}, None
+        self.refs, self.digests, self.ping, self.ready = [], {}, None, False
         for a in self.actors:
             try:
                 ray.kill(a, no_restart=True)
@@ -142,10 +154,11 @@ class RayGroup:
             self.pg = None
 
     def shutdown(self) -> None:
-        """Leave the process group cleanly when idle, then kill: nothing is left running."""
-        if self.actors and not self.refs:
+        """Leave the process group cleanly when loaded and idle, then kill: nothing is left
+        running. (A rank still loading is killed at once: its actor runs one call at a time.)"""
+        if self.actors and self.ready and not self.refs:
             try:
-                ray.get([a.shutdown.remote() for a in self.actors], timeout=10)
+                get([a.shutdown.remote() for a in self.actors], min(10.0, self.timeout_s))
             except Exception:  # noqa: BLE001 - killed below anyway
                 pass
         self.kill()
@@ -165,11 +178,11 @@ class RayGroup:
         the timeout); another rank's digest is kept, or its error fails the group."""
         try:
             if rank:
-                self.digests[rank] = ray.get(ref, timeout=self.timeout_s)[0]
+                self.digests[rank] = get(ref, self.timeout_s)[0]
                 return None
-            finished, stats = ray.get(ref, timeout=self.timeout_s)
+            finished, stats = get(ref, self.timeout_s)
             rest = [(r, x) for r, x in enumerate(self.refs[1:], 1) if r not in self.digests]
-            got = ray.get([x for _, x in rest], timeout=self.timeout_s)
+            got = get([x for _, x in rest], self.timeout_s)
         except ray.exceptions.GetTimeoutError as e:
             raise GroupFailed(f"group {self.index}: rank(s) did not finish the step within "
                               f"parallel.timeout_s={self.timeout_s:.0f}s") from e
@@ -190,7 +203,8 @@ class RayGroup:
         """A rank's collective timed out: say which setting bounds it and which ranks are silent
         (a stopped or hung rank leaves the others waiting in the collective)."""
         refs = [a.alive.remote() for a in self.actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(3.0, self.timeout_s))
+        wait_all(refs, min(3.0, self.timeout_s))
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         silent = [r for r, x in enumerate(refs) if x not in ready]
         who = (f"; rank(s) {silent} (pids {[self.pids[r] for r in silent if r < len(self.pids)]})"
                " do not answer: hung or stopped" if silent else "")
@@ -209,7 +223,7 @@ class RayGroup:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         if len(ready) == len(refs):
             try:
-                ray.get(refs, timeout=self.timeout_s)
+                ray.get(refs)   # all ready: an answer or an error
             except Exception as e:  # noqa: BLE001
                 raise GroupFailed(f"group {self.index}: health check failed: {_short(e)}") from e
             self.ping, self.last_ok = None, now

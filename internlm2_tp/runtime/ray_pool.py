@@ -1,6 +1,7 @@
 """The driver's view of `replicas` tensor-parallel groups on a Ray cluster (see ray_group.py for
 one group). `wait` never blocks for good: it polls every rank's answer and each group's health,
-so a dead, failed or hung rank comes back as that group's GroupFailed within parallel.timeout_s.
+so a dead, failed or hung rank comes back as that group's GroupFailed within parallel.timeout_s,
+and it returns to Python every fraction of a second, so SIGTERM and Ctrl-C act at once.
 """
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from typing import Any
 
 import ray
 
+from internlm2_tp.errors import GroupFailed, PlacementTimeout
+from internlm2_tp.job_config import JobConfig
 from internlm2_tp.parallel.platform import cluster_kind
-from internlm2_tp.runtime.ray_group import GroupFailed, RankActor, RayGroup, device_resources
+from internlm2_tp.runtime.interrupts import interrupt_in
+from internlm2_tp.runtime.pool import GroupResult
+from internlm2_tp.runtime.ray_cluster import SLICE_S, connect, worker_runtime_env
+from internlm2_tp.runtime.ray_group import RayGroup, device_resources
+from internlm2_tp.runtime.ray_placement import check_fits, cpus_per_rank, live_nodes
 from internlm2_tp.runtime.rows import Request
 from internlm2_tp.runtime.worker import WorkerSpec
 
-__all__ = ["GroupFailed", "RankActor", "RayGroup", "RayPool", "cluster_device",
-           "device_resources"]
 log = logging.getLogger(__name__)
 
 
@@ -25,11 +30,21 @@ def cluster_device(requested: str) -> str:
     return requested if requested != "auto" else cluster_kind(ray.cluster_resources())
 
 
+def rank_cpus(device: str, tp: int, replicas: int, override: float) -> float:
+    """CPU each rank reserves: `ray.cpus_per_worker` when set; on CPU the cores shared out over
+    the ranks (fractional: 4 ranks on 2 cores reserve 0.5 each); 1 beside a device."""
+    if override:
+        return float(override)
+    if device != "cpu":
+        return 1.0
+    return cpus_per_rank(tp, replicas, [n.get("CPU", 0.0) for n in live_nodes()])
+
+
 class RayPool:
     """`replicas` groups fed by one driver; a group that fails at start is retried up to
     `start_retries` times (a bad checkpoint found by a rank is raised at once)."""
 
-    poll_s = 1.0
+    poll_s = SLICE_S
 
     def __init__(self, base: WorkerSpec, replicas: int, device: str, cpus: float,
                  timeout_s: float, start_retries: int = 0):
@@ -38,7 +53,24 @@ class RayPool:
         self.timeout_s = timeout_s
         self.start_retries = start_retries
 
+    @classmethod
+    def from_job(cls, cfg: JobConfig) -> RayPool:
+        """Join the job's cluster (ray_cluster.connect says which) and size its groups. The
+        actors of a cluster on this machine import the package this driver imported."""
+        connect(cfg.ray.address, cfg.ray.connect_timeout_s, runtime_env=worker_runtime_env())
+        par = cfg.parallel
+        device = cluster_device(par.device)
+        cpus = rank_cpus(device, par.tp, par.replicas, cfg.ray.cpus_per_worker)
+        spec = WorkerSpec.from_job(cfg, device, threads=max(1, int(cpus)) if device == "cpu" else 0)
+        return cls(spec, par.replicas, device, float(cpus), par.timeout_s,
+                   start_retries=cfg.ray.max_group_restarts)
+
     def start(self) -> list[dict]:
+        bundle, _ = device_resources(self.groups[0].device, self.groups[0].cpus)
+        note = check_fits([bundle] * self.groups[0].base.tp, self.num_groups,
+                          "a tensor-parallel group")
+        if note:
+            log.warning("the groups do not all fit the live nodes; waiting: %s", note)
         # Launch every group first so they load their weights in parallel.
         launched: list[Any] = []
         for g in self.groups:
@@ -55,7 +87,10 @@ class RayPool:
                     facts.append(g.await_ready(refs)[0])
                     break
                 except GroupFailed as e:
-                    if attempt == self.start_retries:
+                    intr = interrupt_in(e)
+                    if intr is not None:
+                        raise intr from None
+                    if attempt == self.start_retries or isinstance(e, PlacementTimeout):
                         raise
                     log.warning("%s; retrying (%d/%d)", e, attempt + 1, self.start_retries)
                     refs = self._relaunch(g)
@@ -71,8 +106,9 @@ class RayPool:
     def submit(self, g: int, requests: list[Request], return_after: int) -> None:
         self.groups[g].submit(requests, return_after)
 
-    def wait(self) -> tuple[int, Any, dict]:
-        """The next group to answer: (group, finished rows, stats) or (group, GroupFailed, {})."""
+    def wait(self) -> GroupResult:
+        """The next group to answer: its finished rows and stats, or the GroupFailed that
+        failed it."""
         while True:
             owners = {ref: (g, r) for g, grp in enumerate(self.groups) for r, ref in grp.waiting()}
             if not owners:
@@ -84,16 +120,16 @@ class RayPool:
                     out = self.groups[g].on_ready(rank, ref)
                 except GroupFailed as e:
                     self.groups[g].kill()
-                    return g, e, {}
+                    return GroupResult(g, error=e)
                 if out is not None:
-                    return g, out[0], out[1]
+                    return GroupResult(g, finished=out[0], stats=out[1])
             now = time.monotonic()
             for g, grp in enumerate(self.groups):
                 try:
                     grp.check_health(now)
                 except GroupFailed as e:
                     grp.kill()
-                    return g, e, {}
+                    return GroupResult(g, error=e)
 
     def restart(self, g: int) -> dict:
         self.groups[g].kill()

@@ -1,9 +1,9 @@
 """Rows <-> engine requests: tokenizing (text, chat template or given ids), per-row sampling
 parameters, and turning finished token ids back into output rows (detokenized, stop strings cut).
 
-A row that cannot run on its own (bad prompt form, out-of-vocab ids, longer than the context)
-becomes an output row with finish_reason "error" and a message naming the row and the cause;
-the job goes on. Prompts are never truncated silently: over the context is an error row.
+A row that cannot run on its own (bad prompt form, out-of-vocab ids; longer than the context,
+which the engine checks) becomes an output row with finish_reason "error" and a message naming
+the row and the cause; the job goes on. Prompts are never truncated.
 """
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
-from internlm2_tp.engine.sampler import SamplingParams
-from internlm2_tp.job_config import GenerationSection
-from internlm2_tp.runtime.io import InputRow
+from internlm2_tp.engine.params import SamplingParams
+from internlm2_tp.runtime.input_types import InputRow
 from internlm2_tp.runtime.output import OutputRow
 from internlm2_tp.tokenizer import Tokenizer
 
@@ -32,22 +31,14 @@ def row_seed(job_seed: int, row_id: Any) -> int:
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
-def base_params(gen: GenerationSection) -> SamplingParams:
-    return SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                          top_p=gen.top_p, top_k=gen.top_k,
-                          repetition_penalty=gen.repetition_penalty, seed=gen.seed,
-                          ignore_eos=gen.ignore_eos, stop_token_ids=tuple(gen.stop_token_ids),
-                          stop=tuple(gen.stop))
-
-
 def error_row(row_id: Any, message: str, prompt_tokens: int = 0) -> OutputRow:
     return OutputRow(id=row_id, completion="", completion_token_ids=[],
                      prompt_tokens=prompt_tokens, completion_tokens=0, finish_reason="error",
                      error=message)
 
 
-def to_request(row: InputRow, tok: Tokenizer, base: SamplingParams, vocab_size: int,
-               max_model_len: int) -> Request | OutputRow:
+def to_request(row: InputRow, tok: Tokenizer, base: SamplingParams,
+               vocab_size: int) -> Request | OutputRow:
     """The engine request for a row, or the error row that replaces it."""
     if row.error is not None:
         return error_row(row.id, row.error)
@@ -64,16 +55,8 @@ def to_request(row: InputRow, tok: Tokenizer, base: SamplingParams, vocab_size: 
     if bad is not None:
         return error_row(row.id, f"row id {row.id!r}: token id {bad} is outside the vocabulary "
                                  f"[0, {vocab_size})", len(ids))
-    if len(ids) >= max_model_len:
-        return error_row(row.id, f"row id {row.id!r}: prompt of {len(ids)} tokens does not fit "
-                                 f"the context (max_model_len {max_model_len}, room for at least "
-                                 f"one new token needed); prompts are not truncated", len(ids))
-    ov = row.overrides
-    try:
-        params = replace(base, seed=int(ov["seed"]) if ov.get("seed") is not None
-                         else row_seed(base.seed, row.id),
-                         **{k: ov[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k")
-                            if ov.get(k) is not None})
+    try:   # the row's own values (checked by the reader) over the job's; a seed per row
+        params = replace(base, **{"seed": row_seed(base.seed, row.id), **row.overrides})
     except ValueError as e:
         return error_row(row.id, f"row id {row.id!r}: {e}", len(ids))
     return Request(row.id, ids, params)

@@ -12,16 +12,19 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from internlm2_tp.checkpoint import CheckpointReader
 from internlm2_tp.config import ModelConfig
-from internlm2_tp.engine.engine import Engine, EngineConfig, Finished
+from internlm2_tp.engine.config import EngineConfig
+from internlm2_tp.engine.engine import Engine, Finished
+from internlm2_tp.job_config import JobConfig
 from internlm2_tp.model import InternLM2Model
 from internlm2_tp.parallel.group import TPGroup, destroy_tp_group, init_tp_group
-from internlm2_tp.parallel.platform import Platform, get_platform
+from internlm2_tp.parallel.platform import PLATFORMS, Platform, get_platform
 from internlm2_tp.runtime.rows import Request
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,16 @@ class WorkerSpec:
     threads: int = 0                # torch CPU threads; 0: leave torch's default
     need_tokenizer: bool = False    # stop strings are matched on text inside the engine
     local_index: int = 0            # device index on the node (0 under Ray: one visible device)
+
+    @classmethod
+    def from_job(cls, cfg: JobConfig, device: str, rank: int = 0, master_addr: str = "127.0.0.1",
+                 threads: int = 0, local_index: int = 0) -> WorkerSpec:
+        """A rank of the job `cfg` on `device` (npu, cuda or cpu), for Ray and torchrun alike."""
+        return cls(model_path=str(Path(cfg.model.path).resolve()), dtype=cfg.model.dtype,
+                   device=device, tp=cfg.parallel.tp, rank=rank, master_addr=master_addr,
+                   master_port=0, engine=cfg.engine, timeout_s=cfg.parallel.timeout_s,
+                   env=PLATFORMS[device]().job_env(cfg.parallel), threads=threads,
+                   need_tokenizer=bool(cfg.generation.stop), local_index=local_index)
 
 
 def digest(results: list[Finished]) -> str:
@@ -98,7 +111,7 @@ class Worker:
         if s.rank == 0:
             log.info("rank 0 ready in %.1fs on %s (%s): %s", load_s, device, dtype, facts.describe())
         return {"rank": s.rank, "device": str(device), "dtype": str(dtype), "load_s": load_s,
-                "facts": facts.__dict__, "pid": os.getpid(),
+                "facts": facts, "pid": os.getpid(),
                 "checkpoint_bytes": reader.total_bytes()}
 
     def run(self, requests: list[Request], return_after: int) -> tuple[list[Finished] | str, dict]:

@@ -15,8 +15,9 @@ from typing import Mapping
 
 import torch
 
-from internlm2_tp.parallel.platform.base import (DEVICE_CHOICES, DeviceError, Platform,
-                                                 ray_assigned_ids)
+from internlm2_tp.errors import DeviceError
+from internlm2_tp.parallel.kinds import AUTO_ORDER, DEVICE_CHOICES, check_device
+from internlm2_tp.parallel.platform.base import Platform, ray_assigned_ids
 from internlm2_tp.parallel.platform.cpu import CpuPlatform
 from internlm2_tp.parallel.platform.cuda import CudaPlatform
 from internlm2_tp.parallel.platform.npu import NpuPlatform
@@ -28,15 +29,12 @@ log = logging.getLogger(__name__)
 
 PLATFORMS: dict[str, type[Platform]] = {"cpu": CpuPlatform, "cuda": CudaPlatform,
                                         "npu": NpuPlatform}
-AUTO_ORDER = ("npu", "cuda")   # what `auto` prefers, before the CPU
 
 
 def get_platform(name: str) -> Platform:
     """The platform for `parallel.device`: `auto` is npu when torch_npu imports and sees an NPU,
     else cuda when a GPU is visible, else cpu. A named kind must be usable in this process."""
-    if name not in DEVICE_CHOICES:
-        raise ValueError(f"parallel.device must be one of {', '.join(DEVICE_CHOICES)}; "
-                         f"got {name!r}")
+    check_device(name)
     if name == "auto":
         for kind in AUTO_ORDER:
             try:

@@ -14,12 +14,9 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
-DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
+from internlm2_tp.errors import DeviceError
+
 log = logging.getLogger(__name__)
-
-
-class DeviceError(RuntimeError):
-    """The device settings cannot work; the message names the setting or variable."""
 
 
 def ray_assigned_ids(resource: str | None) -> list[str]:

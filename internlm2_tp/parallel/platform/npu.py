@@ -5,7 +5,8 @@ from typing import Any
 
 import torch
 
-from internlm2_tp.parallel.platform.base import DeviceError, Platform
+from internlm2_tp.errors import DeviceError
+from internlm2_tp.parallel.platform.base import Platform
 
 
 class NpuPlatform(Platform):

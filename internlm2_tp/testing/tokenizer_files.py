@@ -1,12 +1,13 @@
-"""Tokenizer files: parse tokenizer_config.json, find the real InternLM2 sentencepiece model, train a
-small stand-in when it is absent, and write a checkpoint-style tokenizer directory
-(tokenizer.model + tokenizer_config.json).
+"""Tokenizer files for tests and demos: find the real InternLM2 sentencepiece model (it is not
+committed: $INTERNLM2_TOKENIZER, else ../shared/data/ beside the checkout), train a small stand-in
+when it is absent, and write a checkpoint-style tokenizer directory (tokenizer.model +
+tokenizer_config.json).
 
-The stand-in is for tests and smoke runs on machines without the real model. It keeps the
-properties that matter to the engine: byte fallback, no dummy-prefix space, identity
-normalisation, ids 0/1/2 = <unk>/<s>/</s>, and the six chat special tokens as single pieces named
-like the real model's placeholders ([UNUSED_TOKEN_141]..[UNUSED_TOKEN_146]), so that a reader must
-take their names from tokenizer_config.json exactly as it must for a published checkpoint.
+The stand-in keeps the properties that matter to the engine: byte fallback, no dummy-prefix
+space, identity normalisation, ids 0/1/2 = <unk>/<s>/</s>, and the six chat special tokens as
+single pieces named like the real model's placeholders ([UNUSED_TOKEN_141]..[UNUSED_TOKEN_146]),
+so that a reader must take their names from tokenizer_config.json exactly as it must for a
+published checkpoint.
 """
 from __future__ import annotations
 
@@ -15,86 +16,22 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
 
-TOKENIZER_ENV = "INTERNLM2_TOKENIZER"
-MODEL_FILE = "tokenizer.model"
-CONFIG_FILE = "tokenizer_config.json"
+from internlm2_tp.errors import MissingFileError
+from internlm2_tp.tokenizer_config import (CONFIG_FILE, MODEL_FILE, SPECIAL_TOKEN_PIECES,
+                                           special_token_ids)
 
-# (placeholder piece in the .model, name given by the published tokenizer_config.json), in id order:
-# the real model has them at 92538..92543.
-SPECIAL_TOKEN_PIECES: tuple[tuple[str, str], ...] = (
-    ("[UNUSED_TOKEN_141]", "<|plugin|>"),
-    ("[UNUSED_TOKEN_142]", "<|interpreter|>"),
-    ("[UNUSED_TOKEN_143]", "<|action_end|>"),
-    ("[UNUSED_TOKEN_144]", "<|action_start|>"),
-    ("[UNUSED_TOKEN_145]", "<|im_end|>"),
-    ("[UNUSED_TOKEN_146]", "<|im_start|>"),
-)
+TOKENIZER_ENV = "INTERNLM2_TOKENIZER"
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
     "+ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
     "{% endif %}"
 )
 
-
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used; the message names the file and the field."""
-
-
-def _token_content(value: Any, key: str, source: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, Mapping) and isinstance(value.get("content"), str):  # serialized AddedToken
-        return value["content"]
-    raise TokenizerError(f"{source}: {key} must be a string or {{'content': str}}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class TokenizerConfig:
-    """The fields of tokenizer_config.json we use (auto_map and chat_template are ignored)."""
-    add_bos_token: bool = True
-    add_eos_token: bool = False
-    bos_token: str = "<s>"
-    eos_token: str = "</s>"
-    pad_token: str | None = "</s>"
-    unk_token: str = "<unk>"
-    added_tokens: dict[int, tuple[str, bool]] = field(default_factory=dict)  # id -> (content, special)
-
-    def __post_init__(self) -> None:
-        for name in ("add_bos_token", "add_eos_token"):
-            if not isinstance(getattr(self, name), bool):
-                raise TokenizerError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("bos_token", "eos_token", "unk_token"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise TokenizerError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-
-    @classmethod
-    def from_json(cls, raw: Any, source: str = CONFIG_FILE) -> TokenizerConfig:
-        if not isinstance(raw, Mapping):
-            raise TokenizerError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-        kw: dict[str, Any] = {k: raw[k] for k in ("add_bos_token", "add_eos_token") if k in raw}
-        for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
-            if k in raw:
-                kw[k] = _token_content(raw[k], k, source)
-        added: dict[int, tuple[str, bool]] = {}
-        decoder = raw.get("added_tokens_decoder") or {}
-        if not isinstance(decoder, Mapping):
-            raise TokenizerError(f"{source}: added_tokens_decoder must be an object")
-        for key, entry in decoder.items():
-            if not str(key).isdigit() or not isinstance(entry, Mapping) or not isinstance(entry.get("content"), str):
-                raise TokenizerError(f"{source}: added_tokens_decoder[{key!r}] must map an id to "
-                                     f"{{'content': str, ...}}, got {entry!r}")
-            added[int(key)] = (entry["content"], bool(entry.get("special", True)))
-        try:
-            return cls(**kw, added_tokens=added)
-        except TokenizerError as e:
-            raise TokenizerError(f"{source}: {e}") from None
 
 
 def find_default_tokenizer_model() -> Path | None:
@@ -104,9 +41,9 @@ def find_default_tokenizer_model() -> Path | None:
     if env:
         path = Path(env).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"${TOKENIZER_ENV}={env!r} is not a file")
+            raise MissingFileError(f"${TOKENIZER_ENV}={env!r} is not a file")
         return path
-    repo_root = Path(__file__).resolve().parent.parent
+    repo_root = Path(__file__).resolve().parents[2]
     path = repo_root.parent / "shared" / "data" / "tokenizer_internlm2.model"
     return path if path.is_file() else None
 
@@ -168,21 +105,6 @@ def train_fallback_model(out_path: str | Path, vocab_size: int = 1000) -> dict[i
     return special_token_ids(spm.SentencePieceProcessor(model_proto=buf.getvalue()))
 
 
-def special_token_ids(sp: spm.SentencePieceProcessor) -> dict[int, str]:
-    """{id: content} of the six chat special tokens in a loaded model: the piece spelled as the
-    content itself if there is one, else the [UNUSED_TOKEN_*] placeholder."""
-    found: dict[int, str] = {}
-    for placeholder, content in SPECIAL_TOKEN_PIECES:
-        for piece in (content, placeholder):
-            i = sp.piece_to_id(piece)
-            if i != sp.unk_id() and sp.id_to_piece(i) == piece:
-                found[i] = content
-                break
-        else:
-            raise ValueError(f"tokenizer model has no piece for {content!r} (nor {placeholder!r})")
-    return found
-
-
 def tokenizer_config(special: dict[int, str], model_max_length: int = 32768) -> dict[str, Any]:
     """A tokenizer_config.json in the published InternLM2 layout (auto_map left out on purpose)."""
     def entry(content: str) -> dict[str, Any]:
@@ -213,7 +135,7 @@ def write_tokenizer_files(out_dir: str | Path, model_path: str | Path | None = N
     out.mkdir(parents=True, exist_ok=True)
     src = Path(model_path) if model_path is not None else find_default_tokenizer_model()
     if src is not None and not src.is_file():
-        raise FileNotFoundError(f"tokenizer model {src} does not exist")
+        raise MissingFileError(f"tokenizer model {src} does not exist")
     dst = out / MODEL_FILE
     if src is not None:
         shutil.copyfile(src, dst)

@@ -1,19 +1,22 @@
 """Device memory plan for one tensor-parallel rank, as a pure function of the model's shape.
 
-It predicts what the engine's `plan_cache` finds at start (engine/engine.py), without a device
-or a checkpoint: the weight bytes a rank holds (exactly the parameters InternLM2Model allocates:
-its share of every sharded matmul, the replicated RMSNorm weights, its vocab-parallel slice of the
-embedding and of the output head, padded to ceil(vocab / tp) rows), the KV bytes per token
-(each rank caches only its own KV heads; past tp = kv_heads every rank holds one replicated KV
-head, so the per-rank cost stops shrinking), and how many tokens and sequences the paged cache
-holds when `utilization` of the memory left after the weights goes to it (the engine's rule:
-0.9 x free device memory after loading; the rest is headroom for activations and the runtime).
+It predicts what the engine's `plan_cache` finds at start, without a device or a checkpoint, by
+the engine's own sizing rule (engine/cache_plan.py): the weight bytes a rank holds (exactly the
+parameters InternLM2Model allocates: its share of every sharded matmul, the replicated RMSNorm
+weights, its vocab-parallel slice of the embedding and of the output head, padded to
+ceil(vocab / tp) rows), the KV bytes per token (each rank caches only its own KV heads; past
+tp = kv_heads every rank holds one replicated KV head, so the per-rank cost stops shrinking), and
+how many tokens and sequences the paged cache holds when `utilization` of the memory left after
+the weights goes to it (the engine's rule: KV_UTILIZATION of the free device memory after
+loading; the rest is headroom for activations and the runtime).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from internlm2_tp.config import ModelConfig, RopeScaling, check_tp
+from internlm2_tp.config import ModelConfig, RopeScaling, check_tp, kv_heads_per_rank
+from internlm2_tp.engine.cache_plan import (KV_UTILIZATION, context_len, kv_budget_bytes,
+                                            kv_bytes_per_token, max_model_len, num_kv_blocks)
 
 GiB = 2**30
 
@@ -49,7 +52,7 @@ def weight_params(cfg: ModelConfig, tp: int) -> dict[str, int]:
     check_tp(cfg, tp)
     h, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q_local = cfg.num_attention_heads // tp
-    kv_local = max(1, cfg.num_key_value_heads // tp)         # replicated past tp = kv_heads
+    kv_local = kv_heads_per_rank(cfg.num_key_value_heads, tp)   # replicated past tp = kv_heads
     per_layer = ((q_local + 2 * kv_local) * d * h            # wqkv: this rank's q, k, v rows
                  + h * q_local * d                           # wo: row-parallel columns
                  + 2 * (f // tp) * h                         # w1 | w3 merged
@@ -59,16 +62,6 @@ def weight_params(cfg: ModelConfig, tp: int) -> dict[str, int]:
             "norms": (2 * cfg.num_hidden_layers + 1) * h,     # replicated on every rank
             "embedding": vocab_rows * h,
             "output": vocab_rows * h}                        # untied: its own copy, even if tied
-
-
-def kv_heads_local(cfg: ModelConfig, tp: int) -> int:
-    return max(1, cfg.num_key_value_heads // tp)
-
-
-def context_len(cfg: ModelConfig) -> int:
-    """The model's context, as the engine takes it: max_position_embeddings x rope factor."""
-    factor = cfg.rope_scaling.factor if cfg.rope_scaling else 1
-    return int(cfg.max_position_embeddings * factor)
 
 
 @dataclass(frozen=True)
@@ -128,7 +121,8 @@ class MemoryPlan:
 
 
 def plan(cfg: ModelConfig, tp: int, dtype_bytes: int, device_bytes: int,
-         utilization: float = 0.9, block_size: int = 128, max_model_len: int = 0) -> MemoryPlan:
+         utilization: float = KV_UTILIZATION, block_size: int = 128,
+         max_len: int = 0) -> MemoryPlan:
     """The memory plan of one rank of a tp-way group on a device of `device_bytes`."""
     if dtype_bytes not in (1, 2, 4):
         raise ValueError(f"dtype_bytes must be 1, 2 or 4, got {dtype_bytes}")
@@ -142,10 +136,9 @@ def plan(cfg: ModelConfig, tp: int, dtype_bytes: int, device_bytes: int,
         raise ValueError(f"{cfg.source}: the weights need {weights / GiB:.2f} GiB per rank at "
                          f"tp={tp}, more than the {device_bytes / GiB:.2f} GiB device: raise "
                          "parallel.tp or use a smaller dtype")
-    kvh = kv_heads_local(cfg, tp)
-    per_tok = 2 * cfg.num_hidden_layers * kvh * cfg.head_dim * dtype_bytes
-    budget = utilization * (device_bytes - weights)
-    blocks = int(budget // (per_tok * block_size))
+    per_tok = kv_bytes_per_token(cfg, tp, dtype_bytes)
+    budget = kv_budget_bytes(device_bytes - weights, utilization)
+    blocks = num_kv_blocks(budget, per_tok, block_size)
     if blocks < 1:
         raise ValueError(f"{cfg.source}: no room for one KV block of {block_size} tokens at "
                          f"tp={tp} (budget {budget / GiB:.3f} GiB)")
@@ -153,7 +146,8 @@ def plan(cfg: ModelConfig, tp: int, dtype_bytes: int, device_bytes: int,
     return MemoryPlan(
         model=cfg.source, tp=tp, dtype_bytes=dtype_bytes, device_bytes=device_bytes,
         utilization=utilization, block_size=block_size, num_layers=cfg.num_hidden_layers,
-        kv_heads_local=kvh, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        kv_heads_local=kv_heads_per_rank(cfg.num_key_value_heads, tp),
+        kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
         params=params, weight_bytes=weights, kv_bytes_per_token=per_tok,
         kv_budget_bytes=int(budget), num_blocks=blocks, context_len=ctx,
-        max_model_len=min(max_model_len or ctx, blocks * block_size))
+        max_model_len=max_model_len(cfg, max_len, blocks, block_size))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
 
 PROMPTS = [
     "The capital of France is",

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from internlm2_tp.config import DTYPES
+from internlm2_tp.config import DTYPE_BYTES, torch_dtype
 
 IM_END_ID = 92542  # <|im_end|> in the published vocabulary
 
@@ -46,8 +46,8 @@ class TinySpec:
     def __post_init__(self) -> None:
         if self.format not in ("safetensors", "bin"):
             raise ValueError(f"format must be 'safetensors' or 'bin', got {self.format!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
         if self.hidden_size % self.num_attention_heads or \
@@ -64,7 +64,7 @@ def _tensors(spec: TinySpec, vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
     h, f = spec.hidden_size, spec.intermediate_size
     heads, kv = spec.num_attention_heads, spec.num_key_value_heads
     d = h // heads
-    dt = DTYPES[spec.dtype]
+    dt = torch_dtype(spec.dtype)
 
     def lin(o: int, i: int, gain: float = 1.0) -> torch.Tensor:
         return (torch.randn(o, i, generator=g) * (gain / i ** 0.5)).to(dt)
@@ -106,7 +106,7 @@ def _shard_sizes(spec: TinySpec, vocab: int) -> int:
     d = h // spec.num_attention_heads
     per_layer = (spec.num_attention_heads + 2 * kv) * d * h + h * h + 3 * h * f + 2 * h
     numel = 2 * vocab * h + spec.num_hidden_layers * per_layer + h
-    return numel * DTYPES[spec.dtype].itemsize
+    return numel * DTYPE_BYTES[spec.dtype]
 
 
 def config_json(spec: TinySpec, vocab: int) -> dict:
@@ -135,7 +135,7 @@ def config_json(spec: TinySpec, vocab: int) -> dict:
 
 
 def write_tiny_checkpoint(out: str | Path, spec: TinySpec | None = None) -> Path:
-    from internlm2_tp.tokenizer import write_tokenizer_files
+    from internlm2_tp.testing.tokenizer_files import write_tokenizer_files
 
     spec = spec or TinySpec()
     out = Path(out)

@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from internlm2_tp.checkpoint import IGNORED_SUFFIXES, CheckpointError, CheckpointReader
+from internlm2_tp.checkpoint import IGNORED_SUFFIXES, CheckpointReader
 from internlm2_tp.config import LAYOUTS, ModelConfig
+from internlm2_tp.errors import CheckpointError
 from internlm2_tp.model import WEIGHT_NAMES
 
 TARGETS = ("llama", "internlm2", "safetensors")
@@ -54,7 +55,7 @@ def parse_args(argv: list[str]) -> ConvertArgs:
     """`key=value` OmegaConf dotlist onto ConvertArgs; unknown keys and bad types name the key."""
     from omegaconf import OmegaConf
 
-    from internlm2_tp.job_config import JobConfigError
+    from internlm2_tp.errors import JobConfigError
 
     try:
         args = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ConvertArgs),
@@ -118,7 +119,7 @@ def _plan(reader: CheckpointReader, cfg: ModelConfig, to: str) -> list[Step]:
     for key, pats in src.items():
         for i in range(cfg.num_hidden_layers if "{i}" in pats[0] else 1):
             s, t = tuple(n.format(i=i) for n in pats), [n.format(i=i) for n in dst[key]]
-            if key == "wqkv":
+            if key.endswith("wqkv"):
                 table[s[0]] = (s, t, split_qkv if to == "llama" else merge_qkv)
             else:
                 table.update({a: ((a,), [b], list) for a, b in zip(s, t)})

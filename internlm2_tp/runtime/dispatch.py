@@ -1,0 +1,131 @@
+"""The driver's loop over its groups, one named step per method: `feed` a group up to its share of
+rows in flight (`take` reads and prepares them), `collect` what a group returns, `recover` a group
+that failed (its unfinished rows are queued again, the group rebuilt, within
+ray.max_group_restarts), `put` each finished row into the shard writer exactly once.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from tqdm import tqdm
+
+from internlm2_tp.errors import JobFailed
+from internlm2_tp.runtime.input_types import InputRow
+from internlm2_tp.runtime.interrupts import InterruptGuard
+from internlm2_tp.runtime.output import OutputRow, ShardWriter
+from internlm2_tp.runtime.pool import GroupResult, Pool
+from internlm2_tp.runtime.rows import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobStats:
+    """This run's counts, as the manifest records them."""
+    rows: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    group_restarts: int = 0
+
+
+class Dispatcher:
+    def __init__(self, pool: Pool, rows: Iterator[InputRow],
+                 prepare: Callable[[InputRow], Request | OutputRow],
+                 output: Callable[[Any], OutputRow], writer: ShardWriter, bar: tqdm,
+                 guard: InterruptGuard, cap: int, max_restarts: int, t0: float):
+        """`prepare`: a row's request, or the error row that replaces it; `output`: the row of a
+        finished request; `cap`: rows in flight per group; `t0`: the job's start."""
+        self.pool, self.rows, self.prepare, self.output = pool, rows, prepare, output
+        self.writer, self.bar, self.guard = writer, bar, guard
+        self.cap, self.return_after, self.max_restarts = cap, max(1, cap // 4), max_restarts
+        self.stats = JobStats()
+        self.retry: deque[Request] = deque()
+        self.inflight: list[dict[Any, Request]] = [{} for _ in range(pool.num_groups)]
+        self.restarts = [0] * pool.num_groups
+        self.carried: dict[Any, Any] = {}   # row id -> its carried input columns, until written
+        self.t0 = t0
+
+    def run(self) -> JobStats:
+        """Until every row is written: feed each group, and answer each group that answers."""
+        busy = {g for g in range(self.pool.num_groups) if self.feed(g)}
+        while busy:
+            self.guard.check()
+            res = self.pool.wait()
+            if res.error is not None:
+                self.recover(res.group, res.error)
+            else:
+                self.collect(res)
+            if not self.feed(res.group):
+                busy.discard(res.group)
+        return self.stats
+
+    def feed(self, g: int) -> bool:
+        """Top group g up to `cap` rows in flight; False when it has none left to run."""
+        new = self.take(self.cap - len(self.inflight[g]))
+        self.inflight[g].update((r.row_id, r) for r in new)
+        if self.inflight[g]:
+            self.pool.submit(g, new, self.return_after)
+        return bool(self.inflight[g])
+
+    def take(self, n: int) -> list[Request]:
+        """Up to n requests: rows to rerun first, then new rows (bad ones written at once)."""
+        out: list[Request] = []
+        while len(out) < n and self.retry:
+            out.append(self.retry.popleft())
+        while len(out) < n:
+            row = next(self.rows, None)
+            if row is None:
+                break
+            if row.carry is not None:
+                self.carried[row.id] = row.carry
+            r = self.prepare(row)
+            if isinstance(r, Request):
+                out.append(r)
+            else:
+                self.put(r)
+        return out
+
+    def collect(self, res: GroupResult) -> None:
+        for f in res.finished:
+            self.inflight[res.group].pop(f.request_id)
+            self.put(self.output(f))
+        rate = self.stats.completion_tokens / max(time.time() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
+
+    def recover(self, g: int, cause: BaseException) -> None:
+        """Requeue the group's unfinished rows and rebuild it; a failed rebuild is one more
+        failure. Past ray.max_group_restarts the job fails, naming the group and cause."""
+        self.retry.extendleft(reversed(list(self.inflight[g].values())))
+        n = len(self.inflight[g])
+        self.inflight[g].clear()
+        while True:
+            self.guard.check()   # a rebuild interrupted by Ctrl-C is not a group failure
+            self.restarts[g] += 1
+            self.stats.group_restarts += 1
+            if self.restarts[g] > self.max_restarts:
+                raise JobFailed(f"group {g} failed {self.restarts[g]} times "
+                                f"(ray.max_group_restarts={self.max_restarts}); last cause: {cause}")
+            log.warning("group %d failed (%s); rebuilding (%d/%d), re-running its %d "
+                        "unfinished rows", g, cause, self.restarts[g], self.max_restarts, n)
+            try:
+                self.pool.restart(g)
+                return
+            except JobFailed as e:   # the pool cannot rebuild groups (torchrun)
+                raise JobFailed(f"group {g} failed: {cause}; {e}") from e
+            except Exception as e:  # noqa: BLE001 - counts as another failure
+                cause = e
+
+    def put(self, row: OutputRow) -> None:
+        with self.guard.critical():   # a row is in the shard buffer (or written) exactly once
+            self.writer.add(row, self.carried.pop(row.id, None))
+        s = self.stats
+        s.rows += 1
+        s.errors += row.finish_reason == "error"
+        s.prompt_tokens += row.prompt_tokens
+        s.completion_tokens += row.completion_tokens
+        self.bar.update(1)
