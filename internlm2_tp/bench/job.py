@@ -1,5 +1,5 @@
 """The job row: the benchmark's prompts written to Parquet and run through jobs/batch_infer.py
-(its config file, Job and make_ray_pool, in this process) on a local Ray cluster of its own,
+(its config file, Job and RayPool.from_job, in this process) on a local Ray cluster of its own,
 tp 1, with the engine settings the engine rows use.
 
 Throughput is completion tokens over the time from the group being ready (Ray started, actor
@@ -9,7 +9,6 @@ writes are all inside it, which is what the engine rows leave out.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -22,16 +21,6 @@ from internlm2_tp.bench.common import best_of, peak_rss_mb, process_peak_rss_mb
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _batch_infer() -> Any:
-    """jobs/batch_infer.py as a module (jobs/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("_bench_batch_infer",
-                                                  ROOT / "jobs" / "batch_infer.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _overrides(args: dict, data: Path, out: Path) -> list[str]:
     eng = args.get("engine", {})
     return [f"model.path={args['ckpt']}", f"model.dtype={args['dtype']}",
@@ -41,13 +30,15 @@ def _overrides(args: dict, data: Path, out: Path) -> list[str]:
             *(f"engine.{k}={v}" for k, v in eng.items())]
 
 
-def _one(mod: Any, args: dict, rows: list[list[int]], d: Path) -> dict:
+def _one(args: dict, rows: list[list[int]], d: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
 
     from internlm2_tp.job_config import load_job_config
     from internlm2_tp.runtime.driver import Job
+    from internlm2_tp.runtime.pool import GroupResult
+    from internlm2_tp.runtime.ray_pool import RayPool
 
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -57,7 +48,7 @@ def _one(mod: Any, args: dict, rows: list[list[int]], d: Path) -> dict:
                           _overrides(args, d / "prompts.parquet", d / "out"))
     t0 = time.perf_counter()
     job = Job(cfg)
-    pool = mod.make_ray_pool(cfg)
+    pool = RayPool.from_job(cfg)
     marks: dict[str, Any] = {"busy_s": 0.0}
     start, shutdown, wait = pool.start, pool.shutdown, pool.wait
 
@@ -71,10 +62,10 @@ def _one(mod: Any, args: dict, rows: list[list[int]], d: Path) -> dict:
         marks.setdefault("worker_rss", process_peak_rss_mb(marks["facts"]["pid"]))
         shutdown()
 
-    def timed_wait() -> tuple[int, Any, dict]:
-        g, result, stats = wait()
-        marks["busy_s"] += stats.get("busy_s", 0.0)   # the engine's own time in the run
-        return g, result, stats
+    def timed_wait() -> GroupResult:
+        res = wait()
+        marks["busy_s"] += res.stats.get("busy_s", 0.0)   # the engine's own time in the run
+        return res
 
     pool.start, pool.shutdown, pool.wait = timed_start, timed_shutdown, timed_wait
     try:
@@ -95,10 +86,9 @@ def run_job(args: dict) -> dict:
     tmp = tempfile.mkdtemp(prefix="rbj", dir="/tmp")
     os.environ["RAY_TMPDIR"] = tmp
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    mod = _batch_infer()
     base = Path(args["out_dir"]).resolve() / "job"
     try:
-        runs = {conc: best_of([_one(mod, args, rows, base / f"rows{conc}-{i}")
+        runs = {conc: best_of([_one(args, rows, base / f"rows{conc}-{i}")
                                for i, rows in enumerate(repeats)])
                 for conc, repeats in args["sets"].items()}
     finally:
