@@ -150,7 +150,7 @@ class InternLM2Model(nn.Module):
         self.layers = nn.ModuleList(InternLM2Layer(cfg, tp, dtype, device, ops, backend)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops)
-        self.output = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        self.output = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device, ops)
         self.rotary = RotaryEmbedding(cfg, device, dtype)
 
     @property
@@ -189,6 +189,11 @@ class InternLM2Model(nn.Module):
             h = h[meta.logits_indices]                                         # [B, hidden]
         local = self.output(self.norm(h))                                      # [B, per_rank]
         return self.output.gather(local) if gather else local
+
+    def argmax(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """Greedy ids [B] from this rank's vocab shard (forward(gather=False)), the op set's
+        row reduction inside the shard."""
+        return self.output.argmax(local_logits, self.ops.row_max)
 
     # -- loading ------------------------------------------------------------------------------
     def weight_names(self, reader: CheckpointReader) -> list[tuple[nn.Module, tuple[str, ...]]]:

@@ -120,3 +120,27 @@ def test_burst_with_shared_prefix_computes_it_once(ckpt):
     assert on == off
     assert stats_on["prefix_hits"] == 3 * 32   # 4 sharers: the first computes, 3 reuse
     assert stats_on["steps"] == stats_off["steps"] + 1  # the sharers start one step later
+
+
+def test_cache_blocks_are_zeroed_before_their_first_use(ckpt, one_at_a_time, monkeypatch):
+    """The cache is allocated uninitialized (memory only for the blocks a run uses); attention
+    reads whole blocks, so a block must be zeroed when first handed out: a cache that starts
+    out full of NaN gives the same tokens."""
+    from _ranks import build_model
+    from internlm2_tp.engine import engine as engine_mod
+    from internlm2_tp.engine.engine import Engine, EngineConfig
+
+    real = engine_mod.allocate_kv_caches
+
+    def poisoned(*args, **kw):
+        caches = real(*args, **kw)
+        for k, v in caches:
+            k.fill_(float("nan"))
+            v.fill_(float("nan"))
+        return caches
+
+    monkeypatch.setattr(engine_mod, "allocate_kv_caches", poisoned)
+    eng = Engine(build_model(0, 1, 0, ckpt), EngineConfig(**TIGHT), (2,))
+    for f in eng.generate(greedy_requests()):
+        assert f.output_ids == one_at_a_time[f.request_id], f"row {f.request_id}"
+    assert 0 < eng.blocks.high_water <= TIGHT["num_kv_blocks"]

@@ -6,10 +6,13 @@ paged KV cache [num_blocks, block_size, kv_heads, head_dim], with a bounded work
 
 Peak extra memory: a step's work is cut into pieces whose gathered keys/values (and their fp32
 copies) stay under budget = max(MIN_CHUNK_BYTES, CHUNK_FRACTION x the step's KV bytes in one
-layer). Decode rows go in row chunks; a row whose context alone exceeds the budget is read in
-key chunks with an online softmax. Prefill sequences are grouped under the same budget; a group
-of fresh prompts runs SDPA with is_causal and enable_gqa (no mask, so fused SDPA kernels can
-take it), a group continuing cached keys an explicit causal mask.
+layer). Decode rows go in row chunks: each chunk's blocks are gathered whole (one index_select
+of contiguous blocks) and the chunk runs one fused SDPA call with a row's query heads of one KV
+group as its query length (no GQA expansion) and a padding mask; both the block ids and the
+mask are built once per step in prepare(), not per layer. A row whose context alone exceeds the
+budget is read in key chunks with an online softmax. Prefill sequences are grouped under the
+same budget; a group of fresh prompts runs SDPA with is_causal and enable_gqa (no mask, so
+fused SDPA kernels can take it), a group continuing cached keys an explicit causal mask.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ class DecodeChunk:
     r1: int
     keys: int             # the longest context among them
     step: int             # keys read per pass (== keys unless split)
+    blocks: torch.Tensor | None = None   # [rows * blocks] cache blocks to gather (unsplit)
+    mask: torch.Tensor | None = None     # [rows, 1, 1, keys] True where a key is the row's
 
 
 @dataclass
@@ -62,11 +67,16 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 def gather_kv(cache: torch.Tensor, tables: torch.Tensor, first: int, n: int) -> torch.Tensor:
     """[B, KVH, n, d]: keys (or values) [first, first + n) of each sequence; `first` is a
     multiple of the block size."""
-    b, (bs, kv_heads, d) = tables.shape[0], cache.shape[1:]
+    bs = cache.shape[1]
     b0 = first // bs
-    nb = -(-n // bs)
-    flat = cache[tables[:, b0:b0 + nb]].view(b, nb * bs, kv_heads, d)[:, :n]
-    return flat.transpose(1, 2)
+    return gather_blocks(cache, tables[:, b0:b0 + -(-n // bs)].reshape(-1), tables.shape[0], n)
+
+
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, rows: int, n: int) -> torch.Tensor:
+    """[rows, KVH, n, d] (a view): the first n keys of `rows` runs of whole blocks (an
+    index_select of contiguous blocks, several times faster than advanced indexing)."""
+    kv_heads, d = cache.shape[2:]
+    return cache.index_select(0, blocks).view(rows, -1, kv_heads, d)[:, :n].transpose(1, 2)
 
 
 class TorchAttention:
@@ -106,8 +116,19 @@ class TorchAttention:
                 max(bs, budget // per_key // bs * bs)
             plan.decode.append(DecodeChunk(r0, r1, top, step))
             r0 = r1
+        self._decode_inputs(meta, plan, bs)
         self._plan_prefill(meta, plan, budget, kvh * d * 2 * its, cache.device)
         return plan
+
+    @staticmethod
+    def _decode_inputs(meta: AttentionMetadata, plan: TorchPlan, bs: int) -> None:
+        """Per unsplit decode chunk, once per step: the blocks to gather and the padding mask
+        (device ops on the step's tensors; no host read)."""
+        for c in plan.decode:
+            if c.step >= c.keys:
+                c.blocks = meta.block_tables[c.r0:c.r1, :-(-c.keys // bs)].reshape(-1)
+                keys = torch.arange(c.keys, device=meta.context_lens.device)
+                c.mask = (keys[None, :] < meta.context_lens[c.r0:c.r1, None])[:, None, None, :]
 
     def _plan_prefill(self, meta: AttentionMetadata, plan: TorchPlan, budget: int,
                       per_key: int, device: torch.device) -> None:
@@ -133,20 +154,18 @@ class TorchAttention:
     def decode(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
                meta: AttentionMetadata, plan: TorchPlan, scale: float, out: torch.Tensor) -> None:
         """Rows [0, num_decodes) of q [T, H, d] -> out rows [T, H*d]. Query heads are grouped
-        under their KV head so cached keys are read once per group, with fp32 scores."""
+        under their KV head so cached keys are read once per group (fp32 softmax inside SDPA)."""
         for c in plan.decode:
             n, (_, h, d) = c.r1 - c.r0, q.shape
-            tables, ctx = meta.block_tables[c.r0:c.r1], meta.context_lens[c.r0:c.r1]
             kvh = kv[0].shape[2]
-            qg = q[c.r0:c.r1].float().view(n, kvh, h // kvh, d)                  # [n, KVH, g, d]
-            if c.step >= c.keys:
-                keys = gather_kv(kv[0], tables, 0, c.keys).float()               # [n, KVH, K, d]
-                scores = torch.matmul(qg, keys.transpose(-1, -2)) * scale       # [n, KVH, g, K]
-                valid = torch.arange(c.keys, device=q.device)[None, :] < ctx[:, None]
-                scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-                o = torch.matmul(scores.softmax(-1), gather_kv(kv[1], tables, 0, c.keys).float())
+            qg = q[c.r0:c.r1].reshape(n, kvh, h // kvh, d)                       # [n, KVH, g, d]
+            if c.blocks is not None:
+                keys = gather_blocks(kv[0], c.blocks, n, c.keys)                 # [n, KVH, K, d]
+                vals = gather_blocks(kv[1], c.blocks, n, c.keys)
+                o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=c.mask, scale=scale)
             else:
-                o = self._decode_split(qg, kv, tables, ctx, c, scale)
+                tables, ctx = meta.block_tables[c.r0:c.r1], meta.context_lens[c.r0:c.r1]
+                o = self._decode_split(qg.float(), kv, tables, ctx, c, scale)
             out[c.r0:c.r1] = o.to(q.dtype).reshape(n, h * d)
 
     @staticmethod

@@ -19,10 +19,11 @@ from internlm2_tp.attention import AttentionMetadata
 from internlm2_tp.engine.cache_plan import (RuntimeFacts, kv_budget_bytes, kv_bytes_per_token,
                                             max_model_len, num_kv_blocks)
 from internlm2_tp.engine.config import EngineConfig
-from internlm2_tp.engine.kv_cache import BlockManager, allocate_kv_caches
+from internlm2_tp.engine.kv_cache import BlockManager, allocate_kv_caches, zero_new_blocks
 from internlm2_tp.engine.sampler import BatchSamplingState, SamplingParams, sample
 from internlm2_tp.engine.scheduler import Scheduler
 from internlm2_tp.engine.sequence import Sequence
+from internlm2_tp.engine.work import RunWork
 from internlm2_tp.model import InternLM2Model
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,11 @@ class Engine:
         self.kv_caches = allocate_kv_caches(mc.num_hidden_layers, self.facts.num_blocks,
                                             cfg.block_size, model.kv_heads_local, mc.head_dim,
                                             model.dtype, model.device)
+        self._zeroed = 0                # cache blocks [0, _zeroed) are initialized
         self._next_id = 0
         self.steps = 0
         self.tokens_generated = 0
+        self.work = RunWork()           # what the steps computed (the benchmark's roofline)
 
     def add_request(self, request_id: Any, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request. The one check of a prompt's length (prompts are never truncated): a
@@ -129,6 +132,7 @@ class Engine:
                 last.append(offset - 1)
                 sampled.append(seq)
         ctx = [s.num_computed + n for s, n in zip(seqs, news)]
+        self.work.add_step(news, ctx, len(last))
         dev, to_device = self.model.device, self.model.platform.to_device
         meta = AttentionMetadata.build(
             positions=pos, rope_lengths=rope, slots=slots,
@@ -141,6 +145,8 @@ class Engine:
         if not step.seqs:
             return []
         input_ids, meta, sampled = self._metadata(step)
+        zero_new_blocks(self.kv_caches, self._zeroed, self.blocks.high_water)
+        self._zeroed = max(self._zeroed, self.blocks.high_water)
         # Greedy rows without penalties need only the argmax: no vocab-wide gather across ranks.
         argmax_only = all(s.params.greedy and s.params.repetition_penalty == 1 for s in sampled)
         # Run even when no sequence samples (all mid-prefill chunks): the cache must be filled.
@@ -152,7 +158,7 @@ class Engine:
         self.steps += 1
         if logits is None:
             return []
-        tokens = (self.model.output.argmax(logits).cpu() if argmax_only
+        tokens = (self.model.argmax(logits).cpu() if argmax_only
                   else self._sample(logits, sampled)).tolist()
         done: list[Finished] = []
         now = time.perf_counter()

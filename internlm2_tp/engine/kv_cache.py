@@ -22,9 +22,22 @@ from internlm2_tp.engine.sequence import Sequence
 def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
                        head_dim: int, dtype: torch.dtype, device: torch.device
                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Uninitialized: blocks are zeroed when first handed out (zero_new_blocks), so a cache
+    sized for the whole device holds memory only for the blocks a run has used (on CPU the
+    pages stay unmapped until then)."""
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device),
-             torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+    return [(torch.empty(shape, dtype=dtype, device=device),
+             torch.empty(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+
+
+def zero_new_blocks(caches: list[tuple[torch.Tensor, torch.Tensor]], start: int, end: int
+                    ) -> None:
+    """Zero blocks [start, end) of every layer before their first use: attention reads whole
+    blocks and masks the slots past a row's context, and a masked slot must not hold NaN."""
+    if end > start:
+        for k, v in caches:
+            k[start:end].zero_()
+            v[start:end].zero_()
 
 
 class BlockManager:
@@ -38,6 +51,7 @@ class BlockManager:
         self.hash_to_block: dict[int, int] = {}
         self.block_hash: dict[int, int] = {}
         self.prefix_hit_tokens = 0    # counters, for reports and tests
+        self.high_water = 0           # blocks [0, high_water) have been handed out
         self.prefix_query_tokens = 0
 
     @property
@@ -65,6 +79,7 @@ class BlockManager:
 
     def _fresh(self) -> int:
         block, _ = self.free.popitem(last=False)  # least recently freed
+        self.high_water = max(self.high_water, block + 1)
         h = self.block_hash.pop(block, None)
         if h is not None and self.hash_to_block.get(h) == block:
             del self.hash_to_block[h]

@@ -34,6 +34,16 @@ class NpuOps:
         # torch_npu-npu_swiglu.md: swish on the first half of `dim`; contiguous, non-empty.
         return self.npu.npu_swiglu(gate_up, dim=-1)
 
+    def row_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.max(dim=-1)
+
+    def packs_head_weight(self, weight: torch.Tensor) -> bool:
+        return False
+
+    def lm_head(self, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None
+                ) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight)
+
     def packs_linear_weight(self, weight: torch.Tensor) -> bool:
         return False
 

@@ -11,11 +11,14 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from internlm2_tp.parallel.platform import Platform, get_platform
+
+SHM_ENV = "INTERNLM2TP_SHM_COLLECTIVES"
 
 
 @dataclass
@@ -25,9 +28,12 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: object | None = None  # torch ProcessGroup when size > 1
+    shm: Any = None              # ShmCollectives: CPU ranks on one host (parallel/shm.py)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
+            if self.shm is not None and x.is_contiguous() and x.device.type == "cpu":
+                return self.shm.all_reduce(x)
             dist.all_reduce(x, group=self.group)
         return x
 
@@ -35,6 +41,9 @@ class TPGroup:
         """Concatenate each rank's x along the last dim, in rank order."""
         if self.size == 1:
             return x
+        if (self.shm is not None and x.device.type == "cpu"
+                and x.numel() * x.element_size() <= self.shm.chunk):
+            return self.shm.all_gather_last(x)
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
@@ -46,6 +55,14 @@ class TPGroup:
         out: list[object] = [None] * self.size
         dist.all_gather_object(out, obj, group=self.group)
         return out
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        """`obj` as rank `src` has it (the shared-memory collectives' file name)."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
 
     def agree_min(self, value: int) -> tuple[int, list[int]]:
         """(the smallest of the ranks' values, every rank's value): one decision for all."""
@@ -65,11 +82,12 @@ def init_tp_group(platform: Platform | str, rank: int, size: int, master_addr: s
     """
     if size == 1:
         return TPGroup()
-    if dist.is_initialized():  # e.g. torchrun's launcher set the group up (env:// rendezvous)
-        assert dist.get_world_size() == size, (dist.get_world_size(), size)
-        return TPGroup(rank=dist.get_rank(), size=size, group=dist.group.WORLD)
     if isinstance(platform, str):
         platform = get_platform(platform)
+    if dist.is_initialized():  # e.g. torchrun's launcher set the group up (env:// rendezvous)
+        assert dist.get_world_size() == size, (dist.get_world_size(), size)
+        return _with_shm(TPGroup(rank=dist.get_rank(), size=size, group=dist.group.WORLD),
+                         timeout_s)
     # gloo picks the interface from the hostname unless told; keep CPU traffic on loopback
     # when the rendezvous is local.
     if platform.backend == "gloo" and master_addr in ("127.0.0.1", "localhost"):
@@ -81,10 +99,20 @@ def init_tp_group(platform: Platform | str, rank: int, size: int, master_addr: s
         world_size=size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
-    return TPGroup(rank=rank, size=size, group=dist.group.WORLD)
+    return _with_shm(TPGroup(rank=rank, size=size, group=dist.group.WORLD), timeout_s)
+
+
+def _with_shm(tp: TPGroup, timeout_s: float) -> TPGroup:
+    """CPU ranks on one host sum through shared memory (parallel/shm.py) instead of gloo;
+    INTERNLM2TP_SHM_COLLECTIVES=0 keeps gloo. Every rank decides the same."""
+    if dist.get_backend(tp.group) == "gloo" and os.environ.get(SHM_ENV, "1") != "0":
+        from internlm2_tp.parallel.shm import open_group_shm
+        tp.shm = open_group_shm(tp, timeout_s)
+    return tp
 
 
 def destroy_tp_group(group: TPGroup) -> None:
+    group.shm = None
     if group.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
 

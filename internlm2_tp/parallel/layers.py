@@ -8,7 +8,7 @@ collective explicitly.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,11 @@ from internlm2_tp.ops import TorchOps, linear
 from internlm2_tp.parallel.group import TPGroup
 
 CPU_OPS = TorchOps()   # layers built without a model (tests, tools) pack as the CPU does
+RowMax = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _max_last(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.max(dim=-1)
 
 
 class StagingPool:
@@ -59,18 +64,23 @@ class ShardedLinear(nn.Module):
                                    requires_grad=False)
         self.packed: torch.Tensor | None = None   # oneDNN layout on CPU, see pack()
 
+    def packs(self, ops: Any, weight: torch.Tensor) -> bool:
+        """Whether pack() re-lays this weight out under `ops`."""
+        return self.packable and ops.packs_linear_weight(weight)
+
     def stage(self, pool: StagingPool, ops: Any = CPU_OPS) -> None:
         """Before loading: take the dense weight from `pool` when pack() will re-lay it out (it
         is only a staging area then)."""
         w = self.weight.data
-        if self.packable and w.numel() and ops.packs_linear_weight(w):
+        if w.numel() and self.packs(ops, w):
             self.weight.data = pool.take(w.shape, w.dtype, w.device)
 
     def pack(self, pool: StagingPool | None = None, ops: Any = CPU_OPS) -> None:
         """After loading, where the op set repacks matmul weights (CPU: oneDNN's layout, faster
         matmuls, no second copy in memory): keep only the packed copy and hand the dense memory
         back to `pool`. A no-op elsewhere."""
-        packed = ops.pack_linear_weight(self.weight.data) if self.packable else None
+        packed = ops.pack_linear_weight(self.weight.data) if self.packs(ops, self.weight.data) \
+            else None
         if packed is not None:
             self.packed = packed
             if pool is not None:
@@ -235,28 +245,43 @@ class VocabParallelEmbedding(ShardedLinear):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """The output head, column-parallel over the vocab. forward() gives this rank's logits
-    shard [B, per_rank]; `gather()` is the explicit all-gather to full-vocab fp32 logits."""
+    shard [B, per_rank] (the op set's lm_head: on CPU in bf16 a column-major view);
+    `gather()` is the explicit all-gather to full-vocab fp32 logits."""
 
     keep_checkpoint_dtype = False   # a matmul weight: kept in the run's dtype
     packable = True
 
+    def __init__(self, vocab: int, hidden: int, tp: TPGroup, dtype: torch.dtype,
+                 device: torch.device, ops: Any = CPU_OPS):
+        super().__init__(vocab, hidden, tp, dtype, device)
+        self.ops = ops
+
+    def packs(self, ops: Any, weight: torch.Tensor) -> bool:
+        return ops.packs_head_weight(weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, per_rank]
-        return linear(x, self.weight, self.packed)
+        return self.ops.lm_head(x, self.weight, self.packed)
 
     def gather(self, local_logits: torch.Tensor) -> torch.Tensor:  # -> [B, vocab] float32
-        full = self.tp.all_gather_last(local_logits.float())
+        local = local_logits.to(torch.float32, memory_format=torch.contiguous_format)
+        full = self.tp.all_gather_last(local)
         return full[:, : self.vocab]
 
-    def argmax(self, local_logits: torch.Tensor) -> torch.Tensor:  # [B, per_rank] -> [B] int64
+    def argmax(self, local_logits: torch.Tensor, row_max: RowMax | None = None
+               ) -> torch.Tensor:  # [B, per_rank] -> [B] int64
         """The full-vocab argmax (first occurrence, as torch.argmax of gather()) without
         gathering the vocab: each rank's best (value, global id), then an all-gather of 2 numbers
-        per row instead of per_rank (256 rows x 92544 x 4 B = 95 MB per step at any tp)."""
-        local = local_logits.float()
+        per row instead of per_rank (256 rows x 92544 x 4 B = 95 MB per step at any tp).
+        The max runs on the logits' own dtype: widening bf16 to fp32 is exact, so the winner
+        is the same, without a [B, per_rank] fp32 copy. `row_max` is the op set's (max, first
+        index) per row; None: torch's max(dim=-1)."""
         real = max(0, self.end - self.start)          # vocab padding never wins
-        if real < self.per_rank:
-            local = local.clone()
-            local[:, real:] = float("-inf")
-        vals, idx = local.max(dim=-1)                  # first occurrence inside the shard
+        if real == 0:                                 # a rank of padding only
+            vals = local_logits.new_full(local_logits.shape[:1], float("-inf"))
+            idx = torch.zeros(local_logits.shape[0], dtype=torch.long, device=vals.device)
+        else:
+            local = local_logits if real == self.per_rank else local_logits[:, :real]
+            vals, idx = (row_max or _max_last)(local)  # first occurrence inside the shard
         if self.tp.size == 1:
             return idx
         best = torch.stack([vals.double(), (idx + self.start).double()], dim=-1)  # [B, 2]

@@ -35,6 +35,11 @@ from internlm2_tp.runtime.worker import Worker, WorkerSpec, digest
 log = logging.getLogger(__name__)
 
 
+# Ray starts worker processes at nice 15 (its worker_niceness), so a rank would yield its cores
+# to every other process on the node, the job's own driver included: ranks run at nice 0.
+RANK_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+
+
 def get(refs: Any, timeout_s: float) -> Any:
     """ray.get with the wait done in short slices (signals act), bounded by `timeout_s`."""
     if not wait_all(refs if isinstance(refs, list) else [refs], timeout_s):
@@ -101,7 +106,8 @@ class RayGroup:
                                    f"{shape(bundles)})")
         log.info("%s placed: starting %d rank(s)", what, self.base.tp)
         self.actors = [
-            RankActor.options(**opts, max_restarts=0, scheduling_strategy=
+            RankActor.options(**opts, max_restarts=0, runtime_env=RANK_RUNTIME_ENV,
+                              scheduling_strategy=
                               PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)
                               ).remote(replace(self.base, rank=r))
             for r in range(self.base.tp)]

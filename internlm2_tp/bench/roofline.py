@@ -1,0 +1,154 @@
+"""The roofline of a benchmark run: the work it executes, the machine's limits measured in the
+same run, and the fastest the run could possibly go on them.
+
+Work (`RunWork`), counted per run from what was computed, not per output token:
+  - every token put through the layers: prompt tokens after prefix-cache hits, and one token
+    per decode step of each row (2 FLOPs per weight per token);
+  - attention scores and values over the real context of each computed token (causal: the
+    i-th new token of a row with c cached keys sees c + i + 1 keys; 4 * heads * head_dim FLOPs
+    per key per layer);
+  - the LM head only for the rows whose logits are computed (one per row per sampled token).
+Bytes: every forward pass streams all matmul weights once (a run needs at least `new_tokens`
+passes: each row's tokens come one after another), plus each computed token's keys and values
+written and the context read by attention.
+
+Bound: time >= max(FLOPs / matmul peak, bytes / streaming-read bandwidth) for the whole run
+(an engine may overlap its compute-bound prefill with memory-bound decode steps, so summing
+per-step maxima would not be a bound). `bound_tokens_per_s` is output tokens over that time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from internlm2_tp.engine.work import RunWork
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    layers: int
+    vocab: int
+    itemsize: int            # bytes per weight and per cached key/value element
+
+    @classmethod
+    def of(cls, cfg: Any, dtype: torch.dtype | str) -> Shape:
+        dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        return cls(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                   cfg.head_dim, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size,
+                   dt.itemsize)
+
+    @property
+    def layer_weights(self) -> int:
+        """Matmul weights of one decoder layer: wqkv, wo, w1|w3, w2."""
+        h, d = self.hidden, self.head_dim
+        return (self.heads + 2 * self.kv_heads) * d * h + self.heads * d * h + 3 * h * self.intermediate
+
+    @property
+    def weight_bytes(self) -> int:
+        """What one forward pass streams: every matmul weight (the embedding is a lookup)."""
+        return (self.layers * self.layer_weights + self.vocab * self.hidden) * self.itemsize
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize
+
+    def weight_flops_per_output_token(self) -> float:
+        """The old benchmark's count: matmul FLOPs of one generated token, nothing else."""
+        return 2.0 * (self.layers * self.layer_weights + self.vocab * self.hidden)
+
+
+def work_flops(w: RunWork, s: Shape) -> float:
+    return (2.0 * s.layers * s.layer_weights * w.tokens
+            + 4.0 * s.layers * s.heads * s.head_dim * w.attention_keys
+            + 2.0 * s.vocab * s.hidden * w.logit_rows)
+
+
+def work_bytes(w: RunWork, s: Shape) -> float:
+    return float(w.forwards) * s.weight_bytes + (w.kv_read_tokens + w.tokens) * s.kv_bytes_per_token
+
+
+def prefix_hits(prompts: Sequence[Sequence[int]], block_size: int) -> list[int]:
+    """Prompt tokens each row takes from a prefix cache of full `block_size` blocks when rows
+    run in order and every computed full block is cached (the last token is always computed)."""
+    seen: set[tuple[int, ...]] = set()
+    hits = []
+    for p in prompts:
+        blocks = [tuple(p[:(i + 1) * block_size]) for i in range(len(p) // block_size)]
+        n = 0
+        while n < (len(p) - 1) // block_size and blocks[n] in seen:
+            n += 1
+        hits.append(n * block_size)
+        seen.update(blocks)
+    return hits
+
+
+def run_work(prompt_lens: Sequence[int], hits: Sequence[int], new_tokens: int) -> RunWork:
+    """The work of a run whose rows each generate `new_tokens` tokens, with `hits[i]` prompt
+    tokens of row i from the prefix cache, in the fewest forward passes (`new_tokens`)."""
+    w = RunWork(forwards=new_tokens)
+    for p, h in zip(prompt_lens, hits):
+        q = p - h
+        w.tokens += q + new_tokens - 1
+        w.attention_keys += q * h + q * (q + 1) // 2
+        w.kv_read_tokens += p
+        for pos in range(p, p + new_tokens - 1):   # decode steps feed positions p .. p+N-2
+            w.attention_keys += pos + 1
+            w.kv_read_tokens += pos + 1
+        w.logit_rows += new_tokens
+    return w
+
+
+@dataclass
+class Machine:
+    matmul_peak_gflops: float
+    stream_read_gbs: float
+
+    def bound(self, work: RunWork, shape: Shape, output_tokens: int) -> dict[str, Any]:
+        flops, nbytes = work_flops(work, shape), work_bytes(work, shape)
+        compute_s = flops / (self.matmul_peak_gflops * 1e9)
+        memory_s = nbytes / (self.stream_read_gbs * 1e9)
+        t = max(compute_s, memory_s)
+        return {"flops": flops, "bytes": nbytes,
+                "compute_s": compute_s, "memory_s": memory_s,
+                "bound_by": "compute" if compute_s >= memory_s else "memory",
+                "bound_tokens_per_s": output_tokens / t, "work": asdict(work)}
+
+
+def _best_s(fn: Any, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_peak_gflops(dtype: torch.dtype = torch.bfloat16, sizes: Sequence[int] = (2048, 3072),
+                       reps: int = 8) -> float:
+    """The best square-matmul rate over a few sizes, in this process's threads."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        best = max(best, 2 * n ** 3 / _best_s(lambda: a @ b, reps) / 1e9)
+    return best
+
+
+def stream_read_gbs(nbytes: int, reps: int = 8) -> float:
+    """Streaming-read bandwidth: the best pass of an fp32 sum over a buffer of `nbytes`
+    (the size of what one forward pass streams, so caches help it as much as they help the
+    engine)."""
+    x = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+    return x.numel() * 4 / _best_s(lambda: x.sum(), reps) / 1e9
+
+
+def measure_machine(dtype: torch.dtype, weight_bytes: int) -> Machine:
+    return Machine(matmul_peak_gflops(dtype), stream_read_gbs(weight_bytes))
