@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def fingerprint(cfg: JobConfig, mcfg: ModelConfig) -> dict:
+def fingerprint(cfg: JobConfig, mcfg: ModelConfig, tok: Tokenizer | None = None) -> dict:
     """What makes two runs' outputs comparable; a resumed run must match it."""
     cfg_sha = hashlib.sha256(Path(mcfg.source).read_bytes()).hexdigest()
     d = cfg.data
@@ -53,6 +53,10 @@ def fingerprint(cfg: JobConfig, mcfg: ModelConfig) -> dict:
     # Added keys appear only when set, so an output directory of an older version still resumes.
     data.update({k: v for k, v in (("carry_columns", list(d.carry_columns)), ("format", d.format))
                  if v not in ([], "auto")})
+    if d.chat_template != "auto":   # the template's text too: an edited file changes the prompts
+        text = tok.chat_template.text if tok is not None else None
+        data["chat_template"] = {"setting": d.chat_template, "sha256": hashlib.sha256(
+            text.encode()).hexdigest() if text is not None else None}
     return {"model": {"path": str(Path(cfg.model.path).resolve()), "config_sha256": cfg_sha,
                       "dtype": cfg.model.dtype},
             "generation": asdict(cfg.generation), "data": data}
@@ -72,7 +76,7 @@ class Job:
         self.mcfg = ModelConfig.from_dir(cfg.model.path)
         check_tp(self.mcfg, cfg.parallel.tp)
         check_checkpoint(cfg.model.path, self.mcfg)   # a dry load: names the file and tensor
-        self.tok = Tokenizer.from_dir(cfg.model.path)
+        self.tok = Tokenizer.from_dir(cfg.model.path, d.chat_template)   # compiles the template
         if self.tok.vocab_size > self.mcfg.vocab_size:
             raise CheckpointError(f"{cfg.model.path}: tokenizer.model has {self.tok.vocab_size} "
                                   f"pieces but config.json vocab_size is {self.mcfg.vocab_size}")
@@ -93,7 +97,7 @@ class Job:
             raise JobConfigError(f"data.output {d.output!r} is inside data.input {d.input!r}: "
                                  "its shards would be read as input by the rerun; choose an "
                                  "output directory outside data.input")
-        self.done_ids = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg), d.overwrite)
+        self.done_ids = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg, self.tok), d.overwrite)
         self.base = cfg.generation.sampling_params()
         self.todo = self.plan.num_rows - (len(self.done_ids) if self.done_ids is not None else 0)
 

@@ -105,7 +105,7 @@ class Worker:
         tokenizer = None
         if s.need_tokenizer:
             from internlm2_tp.tokenizer import Tokenizer
-            tokenizer = Tokenizer.from_dir(s.model_path)
+            tokenizer = Tokenizer.from_dir(s.model_path, chat_template="builtin")  # text only
         self.engine = Engine(model, s.engine, cfg.eos_token_id, tokenizer)
         facts = self.engine.facts
         if s.rank == 0:
