@@ -28,6 +28,7 @@ from internlm2_tp.runtime.dispatch import Dispatcher, JobStats
 from internlm2_tp.runtime.input_types import InputColumns, InputRow
 from internlm2_tp.runtime.interrupts import InterruptGuard
 from internlm2_tp.runtime.io import plan_input
+from internlm2_tp.runtime.metrics import JobMetrics
 from internlm2_tp.runtime.output import OutputRow, ShardWriter
 from internlm2_tp.runtime.output_dir import prepare_output_dir, write_manifest
 from internlm2_tp.runtime.pool import Pool
@@ -120,7 +121,7 @@ class Job:
         guard = InterruptGuard()
         with guard:
             try:
-                facts, stats = self._loop(pool, writer, bar, guard, t0)
+                facts, stats, figures = self._loop(pool, writer, bar, guard, t0)
             except Exception:
                 guard.check()   # a Ctrl-C / SIGTERM that surfaced as another error inside Ray
                 raise
@@ -137,6 +138,7 @@ class Job:
                     "wall_s": round(wall, 3),
                     "rows_per_s": round(stats.rows / wall, 3),
                     "output_tokens_per_s": round(stats.completion_tokens / wall, 3),
+                    **figures.manifest(),
                     "shards_written": list(writer.files),
                     "memory_plan": asdict(facts), "config": self.cfg.to_dict()}
         write_manifest(self.out, manifest)
@@ -152,7 +154,7 @@ class Job:
         return facts[0]["facts"]
 
     def _loop(self, pool: Pool, writer: ShardWriter, bar: tqdm, guard: InterruptGuard,
-              t0: float) -> tuple[RuntimeFacts, JobStats]:
+              t0: float) -> tuple[RuntimeFacts, JobStats, JobMetrics]:
         facts = self._start(pool)
         log.info("memory plan per rank: %s", facts.describe())
         cfg = self.cfg
@@ -167,8 +169,9 @@ class Job:
                          lambda row: to_request(row, self.tok, self.base, self.mcfg.vocab_size),
                          output, writer, bar, guard,
                          cap=cfg.ray.inflight_per_group or 2 * cfg.engine.max_num_seqs,
-                         max_restarts=cfg.ray.max_group_restarts, t0=t0)
-        return facts, run.run()
+                         max_restarts=cfg.ray.max_group_restarts, t0=t0,
+                         metrics=JobMetrics(pool.num_groups, pool.metrics_sink(self.out.uri)))
+        return facts, run.run(), run.metrics
 
 
 def _shutdown(pool: Pool) -> None:
