@@ -100,7 +100,8 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
 def _environment() -> ImmutableSandboxedEnvironment:
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, namespace=_Namespace, dict=lambda *a, **k: dict(*a, **k),
+    env.globals.update(raise_exception=_raise_exception, namespace=_Namespace,
+                       dict=lambda *a, **k: dict(*a, **k),   # the builtin, not the type
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env
 

@@ -80,6 +80,18 @@ def test_job_metrics_add_up_each_groups_answers():
     assert (0, {"restarts": 1}) in sink.counts and sink.counts[0][1]["rows"] == 3
 
 
+def test_a_failing_sink_is_dropped_not_fatal(caplog):
+    class Broken(Recorder):
+        def count(self, group, deltas):
+            raise RuntimeError("metrics agent gone")
+
+    m = JobMetrics(1, Broken())
+    m.on_result(0, {"steps": 2}, [Finished("a", 3, [1], "stop", ttft_s=0.1, latency_s=0.1)])
+    m.on_result(0, {"steps": 1}, [])
+    assert m.sink is None and "metrics agent gone" in caplog.text
+    assert m.manifest()["groups"][0]["steps"] == 3 and m.manifest()["ttft_s"]["rows"] == 1
+
+
 def shared_prefix_prompts(path: Path, n: int) -> Path:
     """Token-id prompts sharing a 32-token prefix (prefix-cache hits), each with its own tail."""
     prefix = [1] + [100 + i for i in range(31)]

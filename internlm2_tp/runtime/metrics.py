@@ -10,6 +10,7 @@ within 1% of the true order statistic), not from a list of every row's time.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter as Tally
 from dataclasses import asdict, dataclass
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from internlm2_tp.engine.engine import Finished
+
+log = logging.getLogger(__name__)
 
 PERCENTILES = (50, 90, 99)
 # Per-group counters: field -> (metric name, description). The manifest's `groups` entries use
@@ -99,7 +102,8 @@ class MetricsSink(Protocol):
 
 
 class JobMetrics:
-    """Adds up each group's answers for the manifest and passes them on to the sink, if any."""
+    """Adds up each group's answers for the manifest and passes them on to the sink, if any. A
+    sink that fails is dropped with a warning: monitoring never stops the job."""
 
     def __init__(self, num_groups: int, sink: MetricsSink | None = None) -> None:
         self.groups = [GroupFigures(g) for g in range(num_groups)]
@@ -120,22 +124,28 @@ class JobMetrics:
         for x in lats:
             self.latency.add(x)
         self._count(g, deltas)
-        if self.sink is not None:
-            self.sink.observe(g, ttfts, lats)
+        self._send("observe", g, ttfts, lats)
 
     def on_restart(self, g: int) -> None:
         self._count(g, {"restarts": 1})
 
     def in_flight(self, g: int, rows: int) -> None:
-        if self.sink is not None:
-            self.sink.in_flight(g, rows)
+        self._send("in_flight", g, rows)
 
     def _count(self, g: int, deltas: dict[str, float]) -> None:
         fig = self.groups[g]
         for k, v in deltas.items():
             setattr(fig, k, getattr(fig, k) + v)
-        if self.sink is not None:
-            self.sink.count(g, deltas)
+        self._send("count", g, deltas)
+
+    def _send(self, method: str, *args: Any) -> None:
+        if self.sink is None:
+            return
+        try:
+            getattr(self.sink, method)(*args)
+        except Exception as e:  # noqa: BLE001 - the rows matter more than their metrics
+            log.warning("live metrics off for the rest of the job: %s: %s", type(e).__name__, e)
+            self.sink = None
 
     def manifest(self) -> dict[str, Any]:
         groups = [asdict(f) | {"busy_s": round(f.busy_s, 3)} for f in self.groups]
