@@ -40,6 +40,11 @@ class TokenizerError(UserError, ValueError):
     """A tokenizer file that cannot be used; the message names the file and the field."""
 
 
+class ChatTemplateError(UserError):
+    """A chat template that cannot be used (bad syntax, or a reach for Python internals); the
+    message names its file. Not a ValueError: it stops the job, it is not one row's fault."""
+
+
 class MissingFileError(UserError, FileNotFoundError):
     """A file or directory the job was pointed at does not exist."""
 

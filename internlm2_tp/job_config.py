@@ -76,6 +76,7 @@ class DataSection:
     overwrite: bool = False               # reuse an output dir written with another config
     carry_columns: list[str] = field(default_factory=list)   # input columns copied to the output; ["*"]: all
     format: str = "auto"                  # auto (by extension), parquet, json (JSON Lines)
+    chat_template: str = "auto"           # auto (the checkpoint's, else built-in), builtin, or a Jinja file
 
     def __post_init__(self) -> None:
         if self.batch_rows < 1:
@@ -87,6 +88,9 @@ class DataSection:
         c = list(self.carry_columns)
         if any(not isinstance(x, str) or not x for x in c) or len(set(c)) != len(c):
             raise JobConfigError(f"data.carry_columns must be distinct non-empty names, got {c}")
+        if not self.chat_template.strip():
+            raise JobConfigError("data.chat_template must be auto, builtin, or the path of a Jinja "
+                                 "template file; got ''")
         if "*" in c and c != ["*"]:
             raise JobConfigError(f"data.carry_columns: '*' (every input column) stands alone, got {c}")
 

@@ -1,5 +1,5 @@
-"""InternLM2 tokenizer on sentencepiece: encode with special tokens, decode, the chat template and
-streaming (incremental) detokenisation.
+"""InternLM2 tokenizer on sentencepiece: encode with special tokens, decode, chat prompts (the
+template itself: chat_template.py) and streaming (incremental) detokenisation.
 
 The InternLM2 .model uses identity normalisation and no dummy prefix, so text is encoded by
 sentencepiece exactly as given ("hello" -> 'hello', " hello" -> '▁hello') and decoding keeps a
@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
+from internlm2_tp.chat_template import AUTO, BUILTIN, IM_END, IM_START, ChatTemplate, load_chat_template
 from internlm2_tp.errors import MissingFileError, TokenizerError
 from internlm2_tp.tokenizer_config import CONFIG_FILE, MODEL_FILE, TokenizerConfig, special_token_ids
 
 
 class Tokenizer:
-    def __init__(self, model_file: str | Path, config: TokenizerConfig | None = None) -> None:
+    def __init__(self, model_file: str | Path, config: TokenizerConfig | None = None,
+                 chat_template: ChatTemplate | None = None) -> None:
+        """`chat_template`: None is the built-in InternLM2 template."""
         path = Path(model_file)
         if not path.is_file():
             raise MissingFileError(f"tokenizer model {path} does not exist")
@@ -59,6 +62,10 @@ class Tokenizer:
         self.pad_id: int = special[cfg.pad_token] if cfg.pad_token is not None else self.eos_id
         self.add_bos: bool = cfg.add_bos_token
         self.add_eos: bool = cfg.add_eos_token
+        self.chat_template = chat_template or ChatTemplate(BUILTIN)
+        self._template_vars: dict[str, object] = {    # the names transformers gives a template
+            "bos_token": cfg.bos_token, "eos_token": cfg.eos_token, "unk_token": cfg.unk_token,
+            "pad_token": cfg.pad_token, "additional_special_tokens": list(cfg.additional_special_tokens)}
         self._id_to_special = {i: c for c, i in special.items()}
         self._skip_ids = frozenset(skip)
         alternation = "|".join(re.escape(c) for c in sorted(special, key=len, reverse=True))
@@ -67,8 +74,10 @@ class Tokenizer:
         self._byte_of: dict[int, int] = {i: b for i, b in byte_ids if self.sp.is_byte(i)}
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Read <path>/tokenizer.model and, when present, <path>/tokenizer_config.json."""
+    def from_dir(cls, path: str | Path, chat_template: str = AUTO) -> Tokenizer:
+        """Read <path>/tokenizer.model and, when present, <path>/tokenizer_config.json.
+        `chat_template`: data.chat_template's values (auto, builtin, or a template file); the
+        template is compiled here, so a bad one fails before any other work."""
         d = Path(path)
         if not d.is_dir():
             raise MissingFileError(f"tokenizer directory {d} does not exist")
@@ -82,19 +91,27 @@ class Tokenizer:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise TokenizerError(f"{cfg_path}: not valid JSON ({e})") from None
             config = TokenizerConfig.from_json(raw, str(cfg_path))
-        return cls(model, config)
+        template = load_chat_template(chat_template, config.chat_template if config else None,
+                                      str(cfg_path))
+        return cls(model, config, template)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         ids: list[int] = [self.bos_id] if (self.add_bos if add_bos is None else add_bos) else []
+        ids += self._pieces(text)
+        if self.add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def _pieces(self, text: str) -> list[int]:
+        """text -> ids, special-token strings as their ids, nothing added."""
+        ids: list[int] = []
         for k, part in enumerate(self._split.split(text)):
             if k % 2:  # odd parts are the special-token matches
                 ids.append(self.special_tokens[part])
             elif part:
                 ids.extend(self.sp.encode(part))
-        if self.add_eos:
-            ids.append(self.eos_id)
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -119,28 +136,16 @@ class Tokenizer:
         return "".join(out)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """<s> then '<|im_start|>{role}\\n{content}<|im_end|>\\n' per message, then (optionally)
-        '<|im_start|>assistant\\n'. Like the published template, special-token strings inside
-        content are tokenized as special tokens."""
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r}")
-        if "<|im_start|>" not in self.special_tokens or "<|im_end|>" not in self.special_tokens:
+        """The prompt ids of a conversation: its text (render_chat) tokenized as transformers does
+        for a chat (no bos or eos added: the template writes them). Special-token strings inside
+        content are tokenized as special tokens, as with the published template."""
+        return self._pieces(self.render_chat(messages, add_generation_prompt))
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation's text by this tokenizer's chat template (chat_template.py)."""
+        if self.chat_template.is_builtin and not {IM_START, IM_END} <= self.special_tokens.keys():
             raise TokenizerError("this tokenizer has no <|im_start|>/<|im_end|> special tokens")
-        parts: list[str] = []
-        for idx, m in enumerate(messages):
-            if not isinstance(m, Mapping):
-                raise ValueError(f"messages[{idx}] must be a dict with 'role' and 'content', got {type(m).__name__}")
-            for key in ("role", "content"):
-                if key not in m:
-                    raise ValueError(f"messages[{idx}] is missing key {key!r}")
-                if not isinstance(m[key], str):
-                    raise ValueError(f"messages[{idx}][{key!r}] must be a str, got {type(m[key]).__name__}")
-            if not m["role"]:
-                raise ValueError(f"messages[{idx}]['role'] must not be empty")
-            parts.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
-        if add_generation_prompt:
-            parts.append("<|im_start|>assistant\n")
-        return [self.bos_id] + self.encode("".join(parts), add_bos=False)
+        return self.chat_template.render(messages, self._template_vars, add_generation_prompt)
 
     def id_to_piece(self, i: int) -> str:
         if not 0 <= int(i) < self.vocab_size:

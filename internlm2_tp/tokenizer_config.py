@@ -3,8 +3,8 @@ tokens of the sentencepiece model.
 
 The .model holds the chat tokens as placeholder pieces ([UNUSED_TOKEN_141..146]); their names
 come from tokenizer_config.json's added_tokens_decoder, or, without one, from the known InternLM2
-layout (SPECIAL_TOKEN_PIECES). auto_map and chat_template are ignored: no code or template from a
-checkpoint is run.
+layout (SPECIAL_TOKEN_PIECES). auto_map is ignored: no code from a checkpoint is run; its
+chat_template is kept as text, for chat_template.py to render in a sandbox.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _token_content(value: Any, key: str, source: str) -> str | None:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """The fields of tokenizer_config.json we use (auto_map and chat_template are ignored)."""
+    """The fields of tokenizer_config.json we use (auto_map is ignored)."""
     add_bos_token: bool = True
     add_eos_token: bool = False
     bos_token: str = "<s>"
@@ -48,6 +48,8 @@ class TokenizerConfig:
     pad_token: str | None = "</s>"
     unk_token: str = "<unk>"
     added_tokens: dict[int, tuple[str, bool]] = field(default_factory=dict)  # id -> (content, special)
+    additional_special_tokens: tuple[str, ...] = ()
+    chat_template: Any = None             # as written (a string, or transformers' named list)
 
     def __post_init__(self) -> None:
         for name in ("add_bos_token", "add_eos_token"):
@@ -74,8 +76,14 @@ class TokenizerConfig:
                 raise TokenizerError(f"{source}: added_tokens_decoder[{key!r}] must map an id to "
                                      f"{{'content': str, ...}}, got {entry!r}")
             added[int(key)] = (entry["content"], bool(entry.get("special", True)))
+        extra = raw.get("additional_special_tokens") or []
+        if not isinstance(extra, list):
+            raise TokenizerError(f"{source}: additional_special_tokens must be a list")
+        kw["additional_special_tokens"] = tuple(
+            c for i, t in enumerate(extra)
+            if (c := _token_content(t, f"additional_special_tokens[{i}]", source)) is not None)
         try:
-            return cls(**kw, added_tokens=added)
+            return cls(**kw, added_tokens=added, chat_template=raw.get("chat_template"))
         except TokenizerError as e:
             raise TokenizerError(f"{source}: {e}") from None
 

@@ -39,8 +39,9 @@ def _ray_bin() -> str:
 
 @contextlib.contextmanager
 def private_ray_head(num_cpus: int = 2, dashboard: bool = True,
-                     auth: bool = False) -> Iterator[dict]:
-    port, dash = free_port(), free_port()
+                     auth: bool = False, metrics: bool = False) -> Iterator[dict]:
+    """`metrics`: the node's Prometheus endpoint on a port of its own (yielded as "metrics")."""
+    port, dash, prom = free_port(), free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ray_test_")  # short: Ray's unix socket paths have a length cap
     client = {k: v for k, v in os.environ.items() if k not in RAY_VARS}
     if auth:
@@ -55,9 +56,12 @@ def private_ray_head(num_cpus: int = 2, dashboard: bool = True,
     args += (["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
               f"--dashboard-agent-listen-port={free_port()}"]
              if dashboard else ["--include-dashboard=false"])
+    if metrics:
+        args.append(f"--metrics-export-port={prom}")
     try:
         subprocess.run(args, check=True, capture_output=True, env=client, timeout=300)
-        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": client}
+        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": client,
+               "metrics": f"http://127.0.0.1:{prom}/metrics" if metrics else None}
     finally:
         _kill_cluster(temp, port)
         shutil.rmtree(temp, ignore_errors=True)

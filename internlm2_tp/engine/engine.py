@@ -38,6 +38,7 @@ class Finished:
     stop_text: str | None = None      # the stop string that ended it, if any
     error: str | None = None
     ttft_s: float = 0.0               # time from add_request to the first new token
+    latency_s: float = 0.0            # time from add_request to finished
 
 
 def plan_cache(model: InternLM2Model, cfg: EngineConfig, eos_ids: tuple[int, ...]) -> RuntimeFacts:
@@ -171,7 +172,8 @@ class Engine:
             if reason:
                 self.scheduler.finish(seq, reason)
                 done.append(Finished(seq.request_id, seq.prompt_len, seq.output_ids, reason,
-                                     stop_text, ttft_s=seq.first_token_at - seq.arrival))
+                                     stop_text, ttft_s=seq.first_token_at - seq.arrival,
+                                     latency_s=now - seq.arrival))
         return done
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

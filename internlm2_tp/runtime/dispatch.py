@@ -1,7 +1,8 @@
 """The driver's loop over its groups, one named step per method: `feed` a group up to its share of
 rows in flight (`take` reads and prepares them), `collect` what a group returns, `recover` a group
 that failed (its unfinished rows are queued again, the group rebuilt, within
-ray.max_group_restarts), `put` each finished row into the shard writer exactly once.
+ray.max_group_restarts), `put` each finished row into the shard writer exactly once. Each
+group's answers and restarts are added up by `metrics` (runtime/metrics.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from internlm2_tp.errors import JobFailed
 from internlm2_tp.runtime.input_types import InputRow
 from internlm2_tp.runtime.interrupts import InterruptGuard
+from internlm2_tp.runtime.metrics import JobMetrics
 from internlm2_tp.runtime.output import OutputRow, ShardWriter
 from internlm2_tp.runtime.pool import GroupResult, Pool
 from internlm2_tp.runtime.rows import Request
@@ -37,7 +39,8 @@ class Dispatcher:
     def __init__(self, pool: Pool, rows: Iterator[InputRow],
                  prepare: Callable[[InputRow], Request | OutputRow],
                  output: Callable[[Any], OutputRow], writer: ShardWriter, bar: tqdm,
-                 guard: InterruptGuard, cap: int, max_restarts: int, t0: float):
+                 guard: InterruptGuard, cap: int, max_restarts: int, t0: float,
+                 metrics: JobMetrics | None = None):
         """`prepare`: a row's request, or the error row that replaces it; `output`: the row of a
         finished request; `cap`: rows in flight per group; `t0`: the job's start."""
         self.pool, self.rows, self.prepare, self.output = pool, rows, prepare, output
@@ -49,6 +52,7 @@ class Dispatcher:
         self.restarts = [0] * pool.num_groups
         self.carried: dict[Any, Any] = {}   # row id -> its carried input columns, until written
         self.t0 = t0
+        self.metrics = metrics or JobMetrics(pool.num_groups)
 
     def run(self) -> JobStats:
         """Until every row is written: feed each group, and answer each group that answers."""
@@ -70,6 +74,7 @@ class Dispatcher:
         self.inflight[g].update((r.row_id, r) for r in new)
         if self.inflight[g]:
             self.pool.submit(g, new, self.return_after)
+        self.metrics.in_flight(g, len(self.inflight[g]))
         return bool(self.inflight[g])
 
     def take(self, n: int) -> list[Request]:
@@ -91,6 +96,7 @@ class Dispatcher:
         return out
 
     def collect(self, res: GroupResult) -> None:
+        self.metrics.on_result(res.group, res.stats, res.finished)
         for f in res.finished:
             self.inflight[res.group].pop(f.request_id)
             self.put(self.output(f))
@@ -107,6 +113,7 @@ class Dispatcher:
             self.guard.check()   # a rebuild interrupted by Ctrl-C is not a group failure
             self.restarts[g] += 1
             self.stats.group_restarts += 1
+            self.metrics.on_restart(g)
             if self.restarts[g] > self.max_restarts:
                 raise JobFailed(f"group {g} failed {self.restarts[g]} times "
                                 f"(ray.max_group_restarts={self.max_restarts}); last cause: {cause}")

@@ -28,6 +28,7 @@ from internlm2_tp.runtime.dispatch import Dispatcher, JobStats
 from internlm2_tp.runtime.input_types import InputColumns, InputRow
 from internlm2_tp.runtime.interrupts import InterruptGuard
 from internlm2_tp.runtime.io import plan_input
+from internlm2_tp.runtime.metrics import JobMetrics
 from internlm2_tp.runtime.output import OutputRow, ShardWriter
 from internlm2_tp.runtime.output_dir import prepare_output_dir, write_manifest
 from internlm2_tp.runtime.pool import Pool
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def fingerprint(cfg: JobConfig, mcfg: ModelConfig) -> dict:
+def fingerprint(cfg: JobConfig, mcfg: ModelConfig, tok: Tokenizer | None = None) -> dict:
     """What makes two runs' outputs comparable; a resumed run must match it."""
     cfg_sha = hashlib.sha256(Path(mcfg.source).read_bytes()).hexdigest()
     d = cfg.data
@@ -53,6 +54,10 @@ def fingerprint(cfg: JobConfig, mcfg: ModelConfig) -> dict:
     # Added keys appear only when set, so an output directory of an older version still resumes.
     data.update({k: v for k, v in (("carry_columns", list(d.carry_columns)), ("format", d.format))
                  if v not in ([], "auto")})
+    if d.chat_template != "auto":   # the template's text too: an edited file changes the prompts
+        text = tok.chat_template.text if tok is not None else None
+        data["chat_template"] = {"setting": d.chat_template, "sha256": hashlib.sha256(
+            text.encode()).hexdigest() if text is not None else None}
     return {"model": {"path": str(Path(cfg.model.path).resolve()), "config_sha256": cfg_sha,
                       "dtype": cfg.model.dtype},
             "generation": asdict(cfg.generation), "data": data}
@@ -72,7 +77,7 @@ class Job:
         self.mcfg = ModelConfig.from_dir(cfg.model.path)
         check_tp(self.mcfg, cfg.parallel.tp)
         check_checkpoint(cfg.model.path, self.mcfg)   # a dry load: names the file and tensor
-        self.tok = Tokenizer.from_dir(cfg.model.path)
+        self.tok = Tokenizer.from_dir(cfg.model.path, d.chat_template)   # compiles the template
         if self.tok.vocab_size > self.mcfg.vocab_size:
             raise CheckpointError(f"{cfg.model.path}: tokenizer.model has {self.tok.vocab_size} "
                                   f"pieces but config.json vocab_size is {self.mcfg.vocab_size}")
@@ -93,7 +98,7 @@ class Job:
             raise JobConfigError(f"data.output {d.output!r} is inside data.input {d.input!r}: "
                                  "its shards would be read as input by the rerun; choose an "
                                  "output directory outside data.input")
-        self.done_ids = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg), d.overwrite)
+        self.done_ids = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg, self.tok), d.overwrite)
         self.base = cfg.generation.sampling_params()
         self.todo = self.plan.num_rows - (len(self.done_ids) if self.done_ids is not None else 0)
 
@@ -116,7 +121,7 @@ class Job:
         guard = InterruptGuard()
         with guard:
             try:
-                facts, stats = self._loop(pool, writer, bar, guard, t0)
+                facts, stats, figures = self._loop(pool, writer, bar, guard, t0)
             except Exception:
                 guard.check()   # a Ctrl-C / SIGTERM that surfaced as another error inside Ray
                 raise
@@ -133,6 +138,7 @@ class Job:
                     "wall_s": round(wall, 3),
                     "rows_per_s": round(stats.rows / wall, 3),
                     "output_tokens_per_s": round(stats.completion_tokens / wall, 3),
+                    **figures.manifest(),
                     "shards_written": list(writer.files),
                     "memory_plan": asdict(facts), "config": self.cfg.to_dict()}
         write_manifest(self.out, manifest)
@@ -148,7 +154,7 @@ class Job:
         return facts[0]["facts"]
 
     def _loop(self, pool: Pool, writer: ShardWriter, bar: tqdm, guard: InterruptGuard,
-              t0: float) -> tuple[RuntimeFacts, JobStats]:
+              t0: float) -> tuple[RuntimeFacts, JobStats, JobMetrics]:
         facts = self._start(pool)
         log.info("memory plan per rank: %s", facts.describe())
         cfg = self.cfg
@@ -163,8 +169,9 @@ class Job:
                          lambda row: to_request(row, self.tok, self.base, self.mcfg.vocab_size),
                          output, writer, bar, guard,
                          cap=cfg.ray.inflight_per_group or 2 * cfg.engine.max_num_seqs,
-                         max_restarts=cfg.ray.max_group_restarts, t0=t0)
-        return facts, run.run()
+                         max_restarts=cfg.ray.max_group_restarts, t0=t0,
+                         metrics=JobMetrics(pool.num_groups, pool.metrics_sink(self.out.uri)))
+        return facts, run.run(), run.metrics
 
 
 def _shutdown(pool: Pool) -> None:

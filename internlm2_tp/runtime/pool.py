@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from internlm2_tp.engine.engine import Finished
+    from internlm2_tp.runtime.metrics import MetricsSink
     from internlm2_tp.runtime.rows import Request
 
 
@@ -29,3 +30,4 @@ class Pool(Protocol):
     def wait(self) -> GroupResult: ...                         # the next group to answer
     def restart(self, g: int) -> dict: ...
     def shutdown(self) -> None: ...
+    def metrics_sink(self, output: str) -> MetricsSink | None: ...   # live figures, if any

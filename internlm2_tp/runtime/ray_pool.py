@@ -18,6 +18,7 @@ from internlm2_tp.runtime.interrupts import interrupt_in
 from internlm2_tp.runtime.pool import GroupResult
 from internlm2_tp.runtime.ray_cluster import SLICE_S, connect, worker_runtime_env
 from internlm2_tp.runtime.ray_group import RayGroup, device_resources
+from internlm2_tp.runtime.ray_metrics import RayMetrics
 from internlm2_tp.runtime.ray_placement import check_fits, cpus_per_rank, live_nodes
 from internlm2_tp.runtime.rows import Request
 from internlm2_tp.runtime.worker import WorkerSpec
@@ -130,6 +131,9 @@ class RayPool:
                 except GroupFailed as e:
                     grp.kill()
                     return GroupResult(g, error=e)
+
+    def metrics_sink(self, output: str) -> RayMetrics:
+        return RayMetrics(output)
 
     def restart(self, g: int) -> dict:
         self.groups[g].kill()

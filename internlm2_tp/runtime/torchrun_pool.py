@@ -69,6 +69,9 @@ class TorchrunPool:
         r, self._result = self._result, None
         return r
 
+    def metrics_sink(self, output: str) -> None:
+        return None   # no Ray: the manifest has the figures
+
     def restart(self, g: int) -> dict:
         raise JobFailed("a rank failed; torchrun cannot rebuild its group: rerun the same command "
                         "to resume (finished rows are saved)")

@@ -57,6 +57,12 @@ class WorkerSpec:
                    need_tokenizer=bool(cfg.generation.stop), local_index=local_index)
 
 
+def _counters(eng: Engine) -> dict[str, int]:
+    return {"steps": eng.steps, "tokens": eng.tokens_generated,
+            "preemptions": eng.scheduler.num_preemptions,
+            "prefix_hit_tokens": eng.blocks.prefix_hit_tokens}
+
+
 def digest(results: list[Finished]) -> str:
     h = hashlib.sha256()
     for f in results:
@@ -105,7 +111,7 @@ class Worker:
         tokenizer = None
         if s.need_tokenizer:
             from internlm2_tp.tokenizer import Tokenizer
-            tokenizer = Tokenizer.from_dir(s.model_path)
+            tokenizer = Tokenizer.from_dir(s.model_path, chat_template="builtin")  # text only
         self.engine = Engine(model, s.engine, cfg.eos_token_id, tokenizer)
         facts = self.engine.facts
         if s.rank == 0:
@@ -126,13 +132,12 @@ class Worker:
             except ValueError as e:  # this row alone cannot run (e.g. longer than the cache)
                 done.append(Finished(r.row_id, len(r.prompt_ids), [], "error", error=str(e)))
         t0 = time.perf_counter()
-        steps0, toks0 = eng.steps, eng.tokens_generated
+        before = _counters(eng)
         while eng.has_work() and len(done) < max(1, return_after):
             done += eng.step()
-        stats = {"steps": eng.steps - steps0, "tokens": eng.tokens_generated - toks0,
-                 "busy_s": time.perf_counter() - t0, "unfinished": eng.num_unfinished(),
-                 "preemptions": eng.scheduler.num_preemptions,
-                 "prefix_hit_tokens": eng.blocks.prefix_hit_tokens}
+        # This run's share of each counter (the driver adds them up: runtime/metrics.py).
+        stats = {k: v - before[k] for k, v in _counters(eng).items()}
+        stats.update(busy_s=time.perf_counter() - t0, unfinished=eng.num_unfinished())
         return (done if self.spec.rank == 0 else digest(done)), stats
 
     def shutdown(self) -> None:

@@ -26,12 +26,11 @@ from internlm2_tp.tokenizer_config import (CONFIG_FILE, MODEL_FILE, SPECIAL_TOKE
                                            special_token_ids)
 
 TOKENIZER_ENV = "INTERNLM2_TOKENIZER"
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
-    "+ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{% endif %}"
-)
-
+# The published internlm2-chat tokenizer_config.json's chat_template (tests/test_chat_template.py
+# cites it and checks that it renders as the built-in template).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + "
+                 "'\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if "
+                 "add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def find_default_tokenizer_model() -> Path | None:
