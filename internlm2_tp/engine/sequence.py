@@ -32,6 +32,12 @@ class Sequence:
     detok: Any = None                # IncrementalDetokenizer when the row has stop strings
     arrival: float = 0.0             # perf_counter() when added
     first_token_at: float = 0.0      # perf_counter() when its first new token was sampled
+    sample_index: int = 0            # which of its row's n samples this is
+    parent: "Sequence | None" = None  # the sibling whose computed prompt blocks it shares
+    forks: list["Sequence"] = field(default_factory=list)  # siblings queued once the prompt is in
+    token_logprobs: list[float] | None = None       # of each output token, when asked
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None  # [prompt_len], entry 0 None, when asked
 
     @property
     def prompt_len(self) -> int:

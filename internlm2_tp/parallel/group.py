@@ -26,9 +26,11 @@ class TPGroup:
     size: int = 1
     group: object | None = None  # torch ProcessGroup when size > 1
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In place: the elementwise sum (or "max") over the ranks."""
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            red = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+            dist.all_reduce(x, op=red, group=self.group)
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,16 @@ def fingerprint(cfg: JobConfig, mcfg: ModelConfig) -> dict:
                  if v not in ([], "auto")})
     return {"model": {"path": str(Path(cfg.model.path).resolve()), "config_sha256": cfg_sha,
                       "dtype": cfg.model.dtype},
-            "generation": asdict(cfg.generation), "data": data}
+            "generation": _generation_fingerprint(cfg), "data": data}
+
+
+# Generation keys added after outputs were first written: fingerprinted only when set.
+_LATER_GENERATION_KEYS = {"n": 1, "logprobs": -1, "prompt_logprobs": False}
+
+
+def _generation_fingerprint(cfg: JobConfig) -> dict:
+    g = asdict(cfg.generation)
+    return {k: v for k, v in g.items() if _LATER_GENERATION_KEYS.get(k, object()) != v}
 
 
 class Job:
