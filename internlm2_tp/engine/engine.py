@@ -83,6 +83,7 @@ class Engine:
         self._next_id = 0
         self.steps = 0
         self.tokens_generated = 0
+        self.tokens_computed = 0          # tokens run through the model (prompts, chunks, decodes)
 
     def add_request(self, request_id: Any, prompt_ids: list[int], params: SamplingParams,
                     samples: tuple[int, ...] | None = None) -> None:
@@ -175,6 +176,7 @@ class Engine:
         # The model then skips the norm and the head and returns None. Logits stay per vocab
         # shard [rows, per_rank]: sampled rows first, then the prompt positions scored.
         local = self.model(input_ids, meta, self.kv_caches, gather=False)
+        self.tokens_computed += step.num_tokens
         for seq, n in zip(step.seqs, step.num_new):
             seq.num_computed += n
             self.blocks.register_full_blocks(seq)
