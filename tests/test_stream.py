@@ -94,7 +94,7 @@ def test_row_level_errors_name_row_and_column(tmp_path: Path) -> None:
         "temperature": [0.7, None, None, None, None, None, None, None, None, None, -0.1, None, float("nan"), None, None],
         "top_p": [None] * 11 + [1.5, None, 0.0, 0.9],
         "top_k": pa.array([None] * 11 + [-1, None, None, 5], pa.int64()),
-        "max_new_tokens": pa.array([16] + [None] * 12 + [0, None], pa.int64()),
+        "max_new_tokens": pa.array([16] + [None] * 12 + [-1, None], pa.int64()),
         "seed": pa.array([None] * 14 + [7], pa.int64()),
     }
     f = write(tmp_path / "a.parquet", data)
@@ -113,7 +113,7 @@ def test_row_level_errors_name_row_and_column(tmp_path: Path) -> None:
         "r10": "column 'temperature': -0.1 must be finite and >= 0",
         "r11": "column 'top_p': 1.5 must be in (0, 1]",
         "r12": "column 'temperature': nan must be finite",
-        "r13": "column 'max_new_tokens': 0 must be >= 1",
+        "r13": "column 'max_new_tokens': -1 must be >= 0",
     }
     for rid, text in expect.items():
         err = rows[rid].error

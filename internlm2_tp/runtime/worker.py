@@ -60,7 +60,7 @@ class WorkerSpec:
 def digest(results: list[Finished]) -> str:
     h = hashlib.sha256()
     for f in results:
-        h.update(repr((f.request_id, f.output_ids, f.finish_reason)).encode())
+        h.update(repr((f.request_id, f.sample_index, f.output_ids, f.finish_reason)).encode())
     return h.hexdigest()
 
 
@@ -122,9 +122,10 @@ class Worker:
         done: list[Finished] = []
         for r in requests:
             try:
-                eng.add_request(r.row_id, r.prompt_ids, r.params)
+                eng.add_request(r.row_id, r.prompt_ids, r.params, r.samples)
             except ValueError as e:  # this row alone cannot run (e.g. longer than the cache)
-                done.append(Finished(r.row_id, len(r.prompt_ids), [], "error", error=str(e)))
+                done += [Finished(r.row_id, len(r.prompt_ids), [], "error", error=str(e),
+                                  sample_index=i) for i in r.samples]
         t0 = time.perf_counter()
         steps0, toks0 = eng.steps, eng.tokens_generated
         while eng.has_work() and len(done) < max(1, return_after):
