@@ -66,9 +66,20 @@ def _ref_logprobs(hf, ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)  # [T, V]
 
 
+@pytest.fixture(scope="module")
+def runs(ckpt) -> dict[int, list]:
+    """One process group per tp runs every engine of this file (one model load each): the
+    log-probability requests, the n-sample requests and (tp 1) a partial rerun of those."""
+    n_reqs = _n_requests()
+    rerun = (n_reqs[::-1], {0: (3, 1), 2: (2,)}, KW)   # the missing samples only, another batch
+    return {tp: run_ranks(rank_finished, tp, str(ckpt),
+                          [(_requests(), None, KW), (n_reqs, None, KW)] + [rerun] * (tp == 1))[0]
+            for tp in (1, 2)}
+
+
 @pytest.mark.parametrize("tp", [1, 2])
-def test_logprobs_match_transformers(ckpt, hf, tp):
-    done, stats = run_ranks(rank_finished, tp, str(ckpt), _requests(), KW)[0]
+def test_logprobs_match_transformers(runs, hf, tp):
+    done, stats = runs[tp][0]
     by_id = {f.request_id: f for f in done}
     assert set(by_id) == {r[0] for r in _requests()}
     assert stats["prefix_hits"] >= 20           # "cached" took the shared blocks from the cache
@@ -107,12 +118,10 @@ def _n_requests() -> list:
             for i, n in enumerate((21, 7, 30))]
 
 
-def test_n_samples_share_the_prompt_and_do_not_depend_on_tp_or_resume(ckpt):
+def test_n_samples_share_the_prompt_and_do_not_depend_on_tp_or_resume(runs):
     reqs = _n_requests()
-    (a, sa), = [run_ranks(rank_finished, 1, str(ckpt), reqs, KW)[0]]
-    b, _ = run_ranks(rank_finished, 2, str(ckpt), reqs, KW)[0]
-    # a resumed run asks for the missing samples only, in another batch
-    c, _ = run_ranks(rank_finished, 1, str(ckpt), reqs[::-1], KW, {0: (3, 1), 2: (2,)})[0]
+    (a, sa), (c, _) = runs[1][1:]
+    b, _ = runs[2][1]
 
     def key(done):
         return {(f.request_id, f.sample_index): f.output_ids for f in done}
