@@ -84,3 +84,46 @@ def test_scoring_job_and_unchanged_default_schema(ckpt, data, tmp_path):
     from internlm2_tp.errors import OutputDirError
     with pytest.raises(OutputDirError, match="output_columns"):
         run_inprocess(job_args(ckpt, data, tmp_path / "score", "generation.max_new_tokens=0"))
+
+
+def test_each_override_column_changes_only_its_row(ckpt, tmp_path):
+    """Eight rows with one prompt, greedy: each row sets one of the new override columns; every
+    other row is the plain row's completion."""
+    prompt = [1, 333, 4444, 555, 6666, 777]
+
+    def table(**cols) -> Path:
+        n = 8
+        data = {"id": pa.array(range(n), pa.int64()),
+                "prompt_token_ids": pa.array([prompt] * n, pa.list_(pa.int32()))}
+        types = {"stop": pa.list_(pa.string()), "stop_token_ids": pa.list_(pa.int64()),
+                 "repetition_penalty": pa.float64(), "ignore_eos": pa.bool_(), "n": pa.int64(),
+                 "logprobs": pa.int64(), "temperature": pa.float64()}
+        for name, at in cols.items():
+            data[name] = pa.array([at.get(i) for i in range(n)], types[name])
+        path = tmp_path / f"in{len(list(tmp_path.glob('in*')))}.parquet"
+        pq.write_table(pa.table(data), path)
+        return path
+
+    run_inprocess(job_args(ckpt, table(), tmp_path / "base", "generation.max_new_tokens=6"))
+    base = _rows(tmp_path / "base")[0]
+    toks = base["completion_token_ids"]
+    assert len(toks) == 6 and base["finish_reason"] == "length"
+    inp = table(stop_token_ids={1: [toks[2]]}, stop={2: [base["completion"][-3:]]},
+                repetition_penalty={3: 0.05}, logprobs={4: 1}, n={5: 2}, temperature={5: 1.0},
+                ignore_eos={6: True})
+    run_inprocess(job_args(ckpt, inp, tmp_path / "out", "generation.max_new_tokens=6",
+                           "generation.repetition_penalty=1.0"))
+    got = {(r["id"], r["sample_index"]): r for r in _rows(tmp_path / "out")}
+    assert sorted(got) == sorted([(i, 0) for i in range(8)] + [(5, 1)])
+    for (i, s), r in got.items():
+        if i in (0, 6, 7):   # no override; ignore_eos (the plain row meets no eos)
+            assert r["completion_token_ids"] == toks and r["token_logprobs"] is None, i
+    assert got[(1, 0)]["completion_token_ids"] == toks[:3] and got[(1, 0)]["finish_reason"] == "stop"
+    assert got[(2, 0)]["finish_reason"] == "stop"
+    text, stop = base["completion"], base["completion"][-3:]
+    assert got[(2, 0)]["completion"] == text[:text.find(stop)]
+    assert got[(3, 0)]["completion_token_ids"] != toks     # < 1: the prompt's tokens favoured
+    r4 = got[(4, 0)]
+    assert r4["completion_token_ids"] == toks and len(r4["token_logprobs"]) == 6
+    assert [p[0]["token_id"] for p in r4["top_logprobs"]] == toks     # greedy: the top token
+    assert got[(5, 0)]["completion_token_ids"] != got[(5, 1)]["completion_token_ids"]

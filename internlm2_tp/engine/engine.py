@@ -100,6 +100,8 @@ class Engine:
             raise ValueError(f"row id {request_id!r}: prompt of {n} tokens does not fit the context "
                              f"(max_model_len {limit}, room for at least one new token needed); "
                              "prompts are not truncated")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"row id {request_id!r}: stop strings need the engine's tokenizer")
         seqs = [self._sequence(request_id, prompt_ids, params, i)
                 for i in (range(params.n) if samples is None else samples)]
         for child in seqs[1:]:

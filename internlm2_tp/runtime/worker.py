@@ -43,7 +43,8 @@ class WorkerSpec:
     timeout_s: float = 600.0
     env: dict[str, str] = field(default_factory=dict)   # e.g. HCCL_* settings
     threads: int = 0                # torch CPU threads; 0: leave torch's default
-    need_tokenizer: bool = False    # stop strings are matched on text inside the engine
+    need_tokenizer: bool = False    # stop strings are matched on text inside the engine (a job
+                                    # always loads it: any row may have a `stop` column)
     local_index: int = 0            # device index on the node (0 under Ray: one visible device)
 
     @classmethod
@@ -54,7 +55,7 @@ class WorkerSpec:
                    device=device, tp=cfg.parallel.tp, rank=rank, master_addr=master_addr,
                    master_port=0, engine=cfg.engine, timeout_s=cfg.parallel.timeout_s,
                    env=PLATFORMS[device]().job_env(cfg.parallel), threads=threads,
-                   need_tokenizer=bool(cfg.generation.stop), local_index=local_index)
+                   need_tokenizer=True, local_index=local_index)
 
 
 def digest(results: list[Finished]) -> str:
