@@ -127,3 +127,21 @@ def test_each_override_column_changes_only_its_row(ckpt, tmp_path):
     assert r4["completion_token_ids"] == toks and len(r4["token_logprobs"]) == 6
     assert [p[0]["token_id"] for p in r4["top_logprobs"]] == toks     # greedy: the top token
     assert got[(5, 0)]["completion_token_ids"] != got[(5, 1)]["completion_token_ids"]
+
+
+def test_fingerprint_of_a_default_job_is_unchanged(ckpt):
+    """An output directory written before issue 17 still resumes: the new keys and the optional
+    columns enter the fingerprint only when a job sets them."""
+    from internlm2_tp.config import ModelConfig
+    from internlm2_tp.job_config import load_job_config
+    from internlm2_tp.runtime.driver import fingerprint
+
+    mcfg = ModelConfig.from_dir(ckpt)
+    plain = fingerprint(load_job_config(None, [f"model.path={ckpt}"]), mcfg)
+    assert set(plain) == {"model", "generation", "data"}
+    assert set(plain["generation"]) == {"max_new_tokens", "temperature", "top_p", "top_k",
+                                        "repetition_penalty", "seed", "ignore_eos", "stop",
+                                        "stop_token_ids"}
+    cfg = load_job_config(None, [f"model.path={ckpt}", "generation.logprobs=0"])
+    fp = fingerprint(cfg, mcfg, ("token_logprobs",))
+    assert fp["generation"]["logprobs"] == 0 and fp["output_columns"] == ["token_logprobs"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -25,25 +25,10 @@ from internlm2_tp.engine.sampler import BatchSamplingState, SamplingParams, samp
 from internlm2_tp.engine.scheduler import Scheduler
 from internlm2_tp.engine.scoring import (PromptTarget, prompt_targets, score_prompts,
                                          score_samples)
-from internlm2_tp.engine.sequence import Sequence
+from internlm2_tp.engine.sequence import Finished, Sequence
 from internlm2_tp.model import InternLM2Model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Finished:
-    request_id: Any
-    prompt_tokens: int
-    output_ids: list[int]
-    finish_reason: str                # "stop", "length", or "error" (the row alone is bad)
-    stop_text: str | None = None      # the stop string that ended it, if any
-    error: str | None = None
-    ttft_s: float = 0.0               # time from add_request to the first new token
-    sample_index: int = 0             # which of the request's n samples
-    token_logprobs: list[float] | None = None           # params.logprobs >= 0
-    top_logprobs: list[list[tuple[int, float]]] | None = None   # params.logprobs > 0
-    prompt_logprobs: list[float | None] | None = None   # params.prompt_logprobs
 
 
 def plan_cache(model: InternLM2Model, cfg: EngineConfig, eos_ids: tuple[int, ...]) -> RuntimeFacts:

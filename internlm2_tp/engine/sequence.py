@@ -1,4 +1,5 @@
-"""One request's state inside the engine."""
+"""One request's state inside the engine (`Sequence`: one sample of it), and what the engine
+returns for each finished sample (`Finished`)."""
 from __future__ import annotations
 
 import enum
@@ -61,3 +62,18 @@ class Sequence:
         """The length dynamic NTK uses for position `pos`: the prompt length for prompt
         tokens, pos + 1 for generated ones (as the official model does for one request)."""
         return max(len(self.prompt_ids), pos + 1)
+
+
+@dataclass
+class Finished:
+    request_id: Any
+    prompt_tokens: int
+    output_ids: list[int]
+    finish_reason: str                # "stop", "length", or "error" (the row alone is bad)
+    stop_text: str | None = None      # the stop string that ended it, if any
+    error: str | None = None
+    ttft_s: float = 0.0               # time from add_request to the first new token
+    sample_index: int = 0             # which of the request's n samples
+    token_logprobs: list[float] | None = None           # params.logprobs >= 0
+    top_logprobs: list[list[tuple[int, float]]] | None = None   # params.logprobs > 0
+    prompt_logprobs: list[float | None] | None = None   # params.prompt_logprobs
