@@ -109,14 +109,14 @@ def test_each_override_column_changes_only_its_row(ckpt, tmp_path):
     toks = base["completion_token_ids"]
     assert len(toks) == 6 and base["finish_reason"] == "length"
     inp = table(stop_token_ids={1: [toks[2]]}, stop={2: [base["completion"][-3:]]},
-                repetition_penalty={3: 0.05}, logprobs={4: 1}, n={5: 2}, temperature={5: 1.0},
+                repetition_penalty={3: 0.05}, logprobs={4: 1, 7: 0}, n={5: 2}, temperature={5: 1.0},
                 ignore_eos={6: True})
     run_inprocess(job_args(ckpt, inp, tmp_path / "out", "generation.max_new_tokens=6",
                            "generation.repetition_penalty=1.0"))
     got = {(r["id"], r["sample_index"]): r for r in _rows(tmp_path / "out")}
     assert sorted(got) == sorted([(i, 0) for i in range(8)] + [(5, 1)])
     for (i, s), r in got.items():
-        if i in (0, 6, 7):   # no override; ignore_eos (the plain row meets no eos)
+        if i in (0, 6):   # no override; ignore_eos (the plain row meets no eos)
             assert r["completion_token_ids"] == toks and r["token_logprobs"] is None, i
     assert got[(1, 0)]["completion_token_ids"] == toks[:3] and got[(1, 0)]["finish_reason"] == "stop"
     assert got[(2, 0)]["finish_reason"] == "stop"
@@ -126,6 +126,9 @@ def test_each_override_column_changes_only_its_row(ckpt, tmp_path):
     r4 = got[(4, 0)]
     assert r4["completion_token_ids"] == toks and len(r4["token_logprobs"]) == 6
     assert [p[0]["token_id"] for p in r4["top_logprobs"]] == toks     # greedy: the top token
+    r7 = got[(7, 0)]    # logprobs=0: the sampled tokens' only
+    assert r7["completion_token_ids"] == toks and r7["top_logprobs"] is None
+    assert r7["token_logprobs"] == r4["token_logprobs"]
     assert got[(5, 0)]["completion_token_ids"] != got[(5, 1)]["completion_token_ids"]
 
 

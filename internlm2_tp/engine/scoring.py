@@ -62,7 +62,8 @@ def score_samples(head: ParallelLMHead, local: torch.Tensor, seqs: list[Sequence
     for j, i in enumerate(rows):
         s = seqs[i]
         if s.token_logprobs is None:
-            s.token_logprobs, s.top_logprobs = [], []
+            s.token_logprobs = []
+            s.top_logprobs = [] if s.params.logprobs > 0 else None
         s.token_logprobs.append(lp[j])
         if s.params.logprobs > 0:
             kk = s.params.logprobs
