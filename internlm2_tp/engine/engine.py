@@ -89,6 +89,7 @@ class Engine:
             raise ValueError(f"row id {request_id!r}: stop strings need the engine's tokenizer")
         seqs = [self._sequence(request_id, prompt_ids, params, i)
                 for i in (range(params.n) if samples is None else samples)]
+        assert seqs, f"row id {request_id!r}: no sample asked for"
         for child in seqs[1:]:
             child.parent = seqs[0]
             child.params = replace(child.params, prompt_logprobs=False)   # the parent's, copied
