@@ -106,6 +106,9 @@ class GenerationSection:
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)          # stop strings, cut from the text
     stop_token_ids: list[int] = field(default_factory=list)
+    n: int = 1                            # samples per row (temperature > 0); adds sample_index
+    logprobs: int = -1                    # >= 0 adds token_logprobs; K > 0 adds top_logprobs
+    prompt_logprobs: bool = False         # adds prompt_token_logprobs (max_new_tokens=0: scoring)
 
     def __post_init__(self) -> None:
         try:

@@ -111,3 +111,24 @@ def rank_lm_head_argmax(rank: int, world: int, port: int) -> tuple[list[int], li
     slow = head.gather(local).argmax(dim=-1).tolist()
     destroy_tp_group(tp)
     return fast, slow, int(full[:, 0].argmax())
+
+
+def rank_finished(rank: int, world: int, port: int, ckpt: str, runs: list) -> list | None:
+    """For each run (requests [(id, prompt_ids, SamplingParams)], samples {id: sample indices}
+    or None, EngineConfig kwargs): a fresh Engine on one loaded model runs the requests (only
+    the given samples of a request where listed). Rank 0 returns [(every Finished, stats)]."""
+    from internlm2_tp.engine.engine import Engine, EngineConfig
+
+    model = build_model(rank, world, port, ckpt)
+    out = []
+    for requests, samples, engine_kw in runs:
+        engine = Engine(model, EngineConfig(**engine_kw), model.cfg.eos_token_id)
+        for rid, ids, params in requests:
+            engine.add_request(rid, ids, params, (samples or {}).get(rid))
+        done = []
+        while engine.has_work():
+            done += engine.step()
+        out.append((done, {"prefix_hits": engine.blocks.prefix_hit_tokens,
+                           "tokens_computed": engine.tokens_computed}))
+    destroy_tp_group(model.tp)
+    return out if rank == 0 else None

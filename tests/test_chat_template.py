@@ -157,6 +157,8 @@ def test_template_raise_exception_fails_only_that_row(tok_dir, tmp_path):
     base = SamplingParams(max_new_tokens=4)
     bad = to_request(InputRow(7, None, [{"role": "system", "content": "x"}], None, {}, None), tok,
                      base, tok.vocab_size)
+    assert isinstance(bad, list) and len(bad) == 1      # one error row per sample (n=1)
+    bad = bad[0]
     assert isinstance(bad, OutputRow) and bad.finish_reason == "error"
     assert "row id 7" in bad.error and "the first message must be the user's" in bad.error
     good = to_request(InputRow(8, None, [{"role": "user", "content": "x"}], None, {}, None), tok,

@@ -220,8 +220,8 @@ ROWS: list[tuple[str, dict, str | None]] = [  # (case, the row's columns, error 
     ("negative temperature", {"prompt": "a", "temperature": -1.0},
      "column 'temperature': -1.0 must be finite and >= 0"),
     ("NaN temperature", {"prompt": "a", "temperature": float("nan")}, "must be finite"),
-    ("zero max_new_tokens", {"prompt": "a", "max_new_tokens": 0},
-     "column 'max_new_tokens': 0 must be >= 1"),
+    ("negative max_new_tokens", {"prompt": "a", "max_new_tokens": -1},
+     "column 'max_new_tokens': -1 must be >= 0"),
 ]
 
 

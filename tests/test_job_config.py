@@ -43,6 +43,11 @@ def test_overrides_apply():
     ("generation.stop=['']", "generation.stop"),
     ("generation.stop_token_ids=[-1]", "generation.stop_token_ids"),
     ("engine.kv_cache_gb=-1", "engine.kv_cache_gb"),
+    ("generation.n=4", "generation.n=4 needs temperature > 0"),
+    ("generation.n=0", "generation.n"),
+    ("generation.logprobs=65", "generation.logprobs"),
+    ("generation.prompt_logprobs=maybe", "generation.prompt_logprobs"),
+    ("generation.max_new_tokens=-1", "generation.max_new_tokens"),
 ])
 def test_bad_override_names_key(override, culprit):
     with pytest.raises(JobConfigError, match=culprit.replace(".", r"\.")):

@@ -114,3 +114,41 @@ def test_dynamic_ntk_blocks_are_shared_only_by_prompts_of_the_same_length():
     same = seq(2, [*range(11), 99])             # the same length: its first two blocks hit
     bm.allocate(same)
     assert same.num_prefix_hits == 8
+
+
+def test_a_sibling_sample_forks_the_computed_prompt_blocks():
+    """n samples of one prompt: a sibling shares the parent's full prompt blocks by reference
+    count (with or without the prefix cache) and recomputes only the last partial block."""
+    for caching in (True, False):
+        bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=caching)
+        parent, child = seq(0, range(10)), seq(1, range(10))    # 2 full blocks + 2 tokens
+        bm.allocate(parent)
+        computed(bm, parent)
+        parent.output_ids.append(99)                 # the parent decodes on in its own block
+        assert bm.fork(parent, child)
+        assert child.block_table[:2] == parent.block_table[:2]
+        assert child.block_table[2] != parent.block_table[2]
+        assert child.num_computed == child.num_prefix_hits == 8
+        assert [bm.ref[b] for b in parent.block_table] == [2, 2, 1] and bm.num_free == 4
+        assert len(child.block_hashes) == child.num_hashed_blocks == (2 if caching else 0)
+        bm.release(parent)
+        assert [bm.ref[b] for b in child.block_table] == [1, 1, 1]
+        bm.release(child)
+        assert bm.num_free == 8
+    # too few free blocks: nothing taken
+    bm = BlockManager(num_blocks=3, block_size=4)
+    parent, child = seq(0, range(10)), seq(1, range(10))
+    bm.allocate(parent)
+    computed(bm, parent)
+    assert not bm.fork(parent, child) and child.block_table == [] and bm.ref == [1, 1, 1]
+
+
+def test_a_row_that_scores_its_prompt_takes_no_prefix_hit():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = seq(0, range(10))
+    bm.allocate(a)
+    computed(bm, a)
+    b = Sequence(1, 1, list(range(10)), SamplingParams(prompt_logprobs=True))
+    assert bm.first_block_key(b) is None
+    bm.allocate(b)
+    assert b.num_computed == 0 and not set(b.block_table) & set(a.block_table)

@@ -7,14 +7,15 @@ from dataclasses import fields
 import pytest
 
 from internlm2_tp.engine.params import (INTEGER, NUMBER, ROW_OVERRIDES, RULES, SamplingParams,
-                                        rule_error, row_value)
+                                        rule_error, row_value, sample_seed)
 
 
 @pytest.mark.parametrize("field,value", [
-    ("max_new_tokens", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5),
+    ("max_new_tokens", -1), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5),
     ("top_k", -1), ("repetition_penalty", 0.0), ("seed", 1 << 63),
     ("stop_token_ids", (-3,)), ("stop", ("",)), ("temperature", float("nan")),
     ("max_new_tokens", 4.0), ("ignore_eos", 1), ("top_k", True),
+    ("n", 0), ("logprobs", -2), ("logprobs", 65), ("prompt_logprobs", 1),
 ])
 def test_params_validation_names_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field} must"):
@@ -31,7 +32,24 @@ def test_params_coerce_lists():
 def test_every_field_has_one_rule_and_overrides_are_fields():
     assert set(RULES) == {f.name for f in fields(SamplingParams)}
     assert set(ROW_OVERRIDES) <= set(RULES)
-    assert ROW_OVERRIDES == ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+    assert ROW_OVERRIDES == ("max_new_tokens", "temperature", "top_p", "top_k", "seed",
+                             "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "n",
+                             "logprobs")
+
+
+def test_scoring_only_and_samples():
+    assert SamplingParams(max_new_tokens=0, prompt_logprobs=True).max_new_tokens == 0
+    assert SamplingParams(n=4, temperature=0.7).n == 4
+    with pytest.raises(ValueError, match="SamplingParams.n=4 needs temperature > 0"):
+        SamplingParams(n=4)
+
+
+def test_sample_seeds_depend_on_row_seed_and_index_only():
+    assert sample_seed(123, 0) == 123      # sample 0 draws as a row with n=1
+    seeds = {sample_seed(123, i) for i in range(64)}
+    assert len(seeds) == 64 and sample_seed(123, 5) == sample_seed(123, 5)
+    assert all(-(1 << 63) <= s < (1 << 63) for s in seeds)
+    assert sample_seed(124, 5) != sample_seed(123, 5)
 
 
 def test_a_rows_value_is_converted_then_checked():

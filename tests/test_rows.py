@@ -54,11 +54,11 @@ def test_a_rows_own_values_override_the_jobs(tok: Tokenizer) -> None:
 
 
 def test_bad_rows_become_error_rows_naming_them(tok: Tokenizer) -> None:
-    out = to_request(row(5, error="row id 5: column 'prompt' is an empty string"), tok, BASE,
-                     tok.vocab_size)
+    (out,) = to_request(row(5, error="row id 5: column 'prompt' is an empty string"), tok, BASE,
+                        tok.vocab_size)
     assert isinstance(out, OutputRow) and out.finish_reason == "error"
     assert out.error == "row id 5: column 'prompt' is an empty string" and out.prompt_tokens == 0
-    far = to_request(row("x", token_ids=[1, tok.vocab_size]), tok, BASE, tok.vocab_size)
+    (far,) = to_request(row("x", token_ids=[1, tok.vocab_size]), tok, BASE, tok.vocab_size)
     assert isinstance(far, OutputRow) and far.prompt_tokens == 2
     assert far.error == (f"row id 'x': token id {tok.vocab_size} is outside the vocabulary "
                          f"[0, {tok.vocab_size})")
@@ -73,3 +73,43 @@ def test_finished_rows_are_decoded_and_cut_at_their_stop_string(tok: Tokenizer) 
     assert cut.completion == "Hello world." and cut.finish_reason == "stop"
     eos = finished_row(8, 3, [*ids, tok.eos_id], "stop", None, tok, (tok.eos_id,))
     assert eos.completion == "Hello world. The end"             # specials never show
+
+
+def test_every_new_override_changes_only_its_row(tok: Tokenizer) -> None:
+    """repetition_penalty, stop, stop_token_ids, ignore_eos, n and logprobs from a row's columns:
+    that row's request carries them, its neighbour keeps the job's."""
+    own = {"repetition_penalty": 1.3, "stop": ("END",), "stop_token_ids": (7, 9),
+           "ignore_eos": True, "n": 3, "logprobs": 4}
+    for name, value in own.items():
+        a = to_request(row(1, prompt="hi", overrides={name: value}), tok, BASE, tok.vocab_size)
+        b = to_request(row(2, prompt="hi"), tok, BASE, tok.vocab_size)
+        assert getattr(a.params, name) == value and getattr(b.params, name) == getattr(BASE, name)
+        assert a.params == SamplingParams(**{**BASE.__dict__, "seed": row_seed(11, 1), name: value})
+    assert to_request(row(1, prompt="hi", overrides={"n": 3}), tok, BASE,
+                      tok.vocab_size).samples == (0, 1, 2)
+
+
+def test_samples_already_written_are_not_asked_again(tok: Tokenizer) -> None:
+    job = SamplingParams(**{**BASE.__dict__, "n": 4})
+    req = to_request(row(1, prompt="hi"), tok, job, tok.vocab_size, done={0, 2})
+    assert req.samples == (1, 3)
+    assert to_request(row(1, prompt="hi"), tok, job, tok.vocab_size, done={0, 1, 2, 3}).samples == ()
+    errs = to_request(row(9, error="row id 9: bad"), tok, job, tok.vocab_size, done={1})
+    assert [e.sample_index for e in errs] == [0, 2, 3]
+
+
+def test_greedy_with_n_samples_is_refused_naming_the_row(tok: Tokenizer) -> None:
+    greedy = SamplingParams(max_new_tokens=4)
+    errs = to_request(row("g", prompt="hi", overrides={"n": 2}), tok, greedy, tok.vocab_size)
+    assert len(errs) == 2 and all(e.finish_reason == "error" for e in errs)
+    assert errs[0].error.startswith("row id 'g': n=2 needs temperature > 0")
+
+
+def test_finished_rows_carry_sample_index_and_logprobs(tok: Tokenizer) -> None:
+    r = finished_row(3, 2, [5, 6], "length", None, tok, (2,), sample_index=2,
+                     token_logprobs=[-0.5, -1.0], top_logprobs=[[(5, -0.5)], [(4, -0.9)]],
+                     prompt_token_logprobs=[None, -2.0])
+    assert r.sample_index == 2 and r.token_logprobs == [-0.5, -1.0]
+    assert r.top_logprobs == [[{"token_id": 5, "logprob": -0.5}], [{"token_id": 4, "logprob": -0.9}]]
+    with pytest.raises(ValueError, match="prompt_token_logprobs must have one entry"):
+        finished_row(3, 3, [5], "length", None, tok, (2,), prompt_token_logprobs=[None, -2.0])

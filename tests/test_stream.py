@@ -94,7 +94,7 @@ def test_row_level_errors_name_row_and_column(tmp_path: Path) -> None:
         "temperature": [0.7, None, None, None, None, None, None, None, None, None, -0.1, None, float("nan"), None, None],
         "top_p": [None] * 11 + [1.5, None, 0.0, 0.9],
         "top_k": pa.array([None] * 11 + [-1, None, None, 5], pa.int64()),
-        "max_new_tokens": pa.array([16] + [None] * 12 + [0, None], pa.int64()),
+        "max_new_tokens": pa.array([16] + [None] * 12 + [-1, None], pa.int64()),
         "seed": pa.array([None] * 14 + [7], pa.int64()),
     }
     f = write(tmp_path / "a.parquet", data)
@@ -113,7 +113,7 @@ def test_row_level_errors_name_row_and_column(tmp_path: Path) -> None:
         "r10": "column 'temperature': -0.1 must be finite and >= 0",
         "r11": "column 'top_p': 1.5 must be in (0, 1]",
         "r12": "column 'temperature': nan must be finite",
-        "r13": "column 'max_new_tokens': 0 must be >= 1",
+        "r13": "column 'max_new_tokens': -1 must be >= 0",
     }
     for rid, text in expect.items():
         err = rows[rid].error
@@ -203,3 +203,42 @@ def test_carried_columns_keep_types_and_values(tmp_path: Path) -> None:
     assert table.schema == src.schema                       # every type as it came (nested, tz, int16)
     assert table.slice(0, n - 1).equals(src)
     assert table.slice(n - 1).to_pylist() == [{"n": 9, "s": None, "l": None, "st": None, "d": Decimal("2.500")}]
+
+
+# ---------------------------------------------------------------- issue 17's override columns
+def test_every_sampling_setting_is_a_column_of_its_own(tmp_path: Path) -> None:
+    """repetition_penalty, stop, stop_token_ids, ignore_eos, n and logprobs read from Parquet
+    and JSON Lines into the row's overrides (null: the job's), each checked by its rule."""
+    f = write(tmp_path / "a.parquet", {
+        "id": [1, 2, 3],
+        "prompt": ["a", "b", "c"],
+        "repetition_penalty": pa.array([1.2, None, 0.0], pa.float64()),
+        "stop": pa.array([["END", "##"], None, None], pa.list_(pa.string())),
+        "stop_token_ids": pa.array([[5, 6], None, [-1]], pa.list_(pa.int64())),
+        "ignore_eos": pa.array([True, None, None], pa.bool_()),
+        "n": pa.array([3, None, 0], pa.int32()),
+        "logprobs": pa.array([4, None, None], pa.int8())})
+    plan = plan_input(str(f), COLS)
+    assert set(plan.override_columns) == {"repetition_penalty", "stop", "stop_token_ids",
+                                          "ignore_eos", "n", "logprobs"}
+    r1, r2, r3 = all_rows(str(f))
+    assert r1.overrides == {"repetition_penalty": 1.2, "stop": ("END", "##"),
+                            "stop_token_ids": (5, 6), "ignore_eos": True, "n": 3, "logprobs": 4}
+    assert r2.error is None and r2.overrides == {}
+    assert r3.error.startswith("row id 3: ") and "column 'repetition_penalty': 0.0 must be" in r3.error
+    assert "column 'stop_token_ids': (-1,) must hold non-negative" in r3.error
+    assert "column 'n': 0 must be in [1, 1024]" in r3.error
+    j = write_lines(tmp_path / "p.jsonl",
+                    {"id": "a", "prompt": "x", "stop": ["Q:"], "ignore_eos": True, "n": 2},
+                    {"id": "b", "prompt": "x", "stop": "Q:", "ignore_eos": 1, "logprobs": 1.5})
+    a, b = all_rows(str(j))
+    assert a.overrides == {"stop": ("Q:",), "ignore_eos": True, "n": 2}
+    assert "column 'stop' is a string, expected a list of strings" in b.error
+    assert "column 'ignore_eos' is 1, expected a boolean" in b.error
+    assert "column 'logprobs' is 1.5, expected an integer" in b.error
+
+
+def test_a_column_of_the_wrong_type_is_refused_before_any_row(tmp_path: Path) -> None:
+    f = write(tmp_path / "a.parquet", {"id": [1], "prompt": ["a"], "stop": ["END"]})
+    with pytest.raises(InputError, match="column 'stop' has type string, expected list<string>"):
+        plan_input(str(f), COLS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,25 +20,16 @@ from internlm2_tp.engine.cache_plan import (RuntimeFacts, kv_budget_bytes, kv_by
                                             max_model_len, num_kv_blocks)
 from internlm2_tp.engine.config import EngineConfig
 from internlm2_tp.engine.kv_cache import BlockManager, allocate_kv_caches, zero_new_blocks
+from internlm2_tp.engine.params import sample_seed
 from internlm2_tp.engine.sampler import BatchSamplingState, SamplingParams, sample
 from internlm2_tp.engine.scheduler import Scheduler
-from internlm2_tp.engine.sequence import Sequence
+from internlm2_tp.engine.scoring import (PromptTarget, prompt_targets, score_prompts,
+                                         score_samples)
+from internlm2_tp.engine.sequence import Finished, Sequence
 from internlm2_tp.engine.work import RunWork
 from internlm2_tp.model import InternLM2Model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Finished:
-    request_id: Any
-    prompt_tokens: int
-    output_ids: list[int]
-    finish_reason: str                # "stop", "length", or "error" (the row alone is bad)
-    stop_text: str | None = None      # the stop string that ended it, if any
-    error: str | None = None
-    ttft_s: float = 0.0               # time from add_request to the first new token
-    latency_s: float = 0.0            # time from add_request to finished
 
 
 def plan_cache(model: InternLM2Model, cfg: EngineConfig, eos_ids: tuple[int, ...]) -> RuntimeFacts:
@@ -80,10 +71,16 @@ class Engine:
         self.steps = 0
         self.tokens_generated = 0
         self.work = RunWork()           # what the steps computed (the benchmark's roofline)
+        self.tokens_computed = 0          # tokens run through the model (prompts, chunks, decodes)
 
-    def add_request(self, request_id: Any, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request. The one check of a prompt's length (prompts are never truncated): a
-        prompt that leaves no room for one new token is a ValueError naming the row."""
+    def add_request(self, request_id: Any, prompt_ids: list[int], params: SamplingParams,
+                    samples: tuple[int, ...] | None = None) -> None:
+        """Queue a request: its samples `samples` (default: all params.n of them; a resumed row
+        asks for the missing ones). The first is computed from the prompt; the others wait until
+        its prompt is in the cache, then share its full blocks. Sample i's seed is
+        sample_seed(params.seed, i). The one check of a prompt's length (prompts are never
+        truncated): a prompt that leaves no room for one new token is a ValueError naming the
+        row."""
         n, limit = len(prompt_ids), self.facts.max_model_len
         if not n:
             raise ValueError(f"row id {request_id!r}: empty prompt")
@@ -91,21 +88,37 @@ class Engine:
             raise ValueError(f"row id {request_id!r}: prompt of {n} tokens does not fit the context "
                              f"(max_model_len {limit}, room for at least one new token needed); "
                              "prompts are not truncated")
-        seq = Sequence(self._next_id, request_id, list(prompt_ids), params,
-                       arrival=time.perf_counter())
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"row id {request_id!r}: stop strings need the engine's tokenizer")
+        seqs = [self._sequence(request_id, prompt_ids, params, i)
+                for i in (range(params.n) if samples is None else samples)]
+        assert seqs, f"row id {request_id!r}: no sample asked for"
+        for child in seqs[1:]:
+            child.parent = seqs[0]
+            child.params = replace(child.params, prompt_logprobs=False)   # the parent's, copied
+        seqs[0].forks = seqs[1:]
+        self.scheduler.add(seqs[0])
+
+    def _sequence(self, request_id: Any, prompt_ids: list[int], params: SamplingParams,
+                  index: int) -> Sequence:
+        seq = Sequence(self._next_id, request_id, list(prompt_ids),
+                       replace(params, seed=sample_seed(params.seed, index)),
+                       arrival=time.perf_counter(), sample_index=index)
         if params.stop and self.tokenizer is not None:
             from internlm2_tp.tokenizer import IncrementalDetokenizer
             seq.detok = IncrementalDetokenizer(self.tokenizer)
         self._next_id += 1
-        self.scheduler.add(seq)
+        return seq
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     def num_unfinished(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
+        queued = [*self.scheduler.waiting, *self.scheduler.running]
+        return len(queued) + sum(len(s.forks) for s in queued)
 
-    def _metadata(self, step) -> tuple[torch.Tensor, AttentionMetadata, list[Sequence]]:
+    def _metadata(self, step) -> tuple[torch.Tensor, AttentionMetadata, list[Sequence],
+                                       list[PromptTarget]]:
         # Sequences with one new token (decodes) first: attention takes a faster path for them.
         order = sorted(range(len(step.seqs)), key=lambda i: step.num_new[i] > 1)
         seqs = [step.seqs[i] for i in order]
@@ -118,6 +131,8 @@ class Engine:
         slots: list[int] = []
         last: list[int] = []
         sampled: list[Sequence] = []
+        scored: list[int] = []            # flat indices whose logits score a prompt token
+        targets: list[PromptTarget] = []
         bs = self.cfg.block_size
         offset = 0
         for seq, n, s in zip(seqs, news, samples):
@@ -128,53 +143,95 @@ class Engine:
             rope += [seq.rope_length(p) for p in rng]
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in rng]
+            idx, tg = prompt_targets(seq, start, n, offset)
+            scored += idx
+            targets += tg
             offset += n
             if s:
                 last.append(offset - 1)
                 sampled.append(seq)
         ctx = [s.num_computed + n for s, n in zip(seqs, news)]
-        self.work.add_step(news, ctx, len(last))
+        self.work.add_step(news, ctx, len(last) + len(scored))
         dev, to_device = self.model.device, self.model.platform.to_device
         meta = AttentionMetadata.build(
             positions=pos, rope_lengths=rope, slots=slots,
             block_tables=[s.block_table for s in seqs], context_lens=ctx, query_lens=news,
-            logits_indices=last, device=dev, to_device=to_device, num_decodes=nd)
-        return to_device(torch.tensor(ids, dtype=torch.long), dev), meta, sampled
+            logits_indices=last + scored, device=dev, to_device=to_device, num_decodes=nd)
+        return to_device(torch.tensor(ids, dtype=torch.long), dev), meta, sampled, targets
 
     def step(self) -> list[Finished]:
         step = self.scheduler.schedule()
         if not step.seqs:
             return []
-        input_ids, meta, sampled = self._metadata(step)
+        input_ids, meta, sampled, targets = self._metadata(step)
         zero_new_blocks(self.kv_caches, self._zeroed, self.blocks.high_water)
         self._zeroed = max(self._zeroed, self.blocks.high_water)
-        # Greedy rows without penalties need only the argmax: no vocab-wide gather across ranks.
-        argmax_only = all(s.params.greedy and s.params.repetition_penalty == 1 for s in sampled)
         # Run even when no sequence samples (all mid-prefill chunks): the cache must be filled.
-        # The model then skips the norm and the head and returns None.
-        logits = self.model(input_ids, meta, self.kv_caches, gather=not argmax_only)
+        # The model then skips the norm and the head and returns None. Logits stay per vocab
+        # shard [rows, per_rank]: sampled rows first, then the prompt positions scored.
+        local = self.model(input_ids, meta, self.kv_caches, gather=False)
+        self.tokens_computed += step.num_tokens
         for seq, n in zip(step.seqs, step.num_new):
             seq.num_computed += n
             self.blocks.register_full_blocks(seq)
         self.steps += 1
-        if logits is None:
+        if local is None:
             return []
-        tokens = (self.model.argmax(logits).cpu() if argmax_only
-                  else self._sample(logits, sampled)).tolist()
+        head, b = self.model.output, len(sampled)
+        score_prompts(head, local[b:], targets)
+        for seq in sampled:   # its prompt is in the cache: its sibling samples may start
+            for child in reversed(seq.forks):
+                if seq.prompt_logprobs is not None:
+                    child.prompt_logprobs = list(seq.prompt_logprobs)
+                self.scheduler.add(child, first=True)
+            seq.forks = []
+        emit = [i for i, s in enumerate(sampled) if s.params.max_new_tokens > 0]
+        tokens = self._pick(local[:b], sampled, emit)
+        if any(sampled[i].params.logprobs >= 0 for i in emit):   # else no [B, vocab] copy
+            score_samples(head, local[emit], [sampled[i] for i in emit], tokens)
+        return self._advance(sampled, emit, tokens)
+
+    def _pick(self, local: torch.Tensor, sampled: list[Sequence], emit: list[int]) -> list[int]:
+        """The next token of each emitting row. Greedy rows without penalties need only the
+        argmax: no vocab-wide gather across ranks."""
+        if not emit:
+            return []
+        rows = [sampled[i] for i in emit]
+        local = local[emit] if len(emit) < len(sampled) else local
+        if all(s.params.greedy and s.params.repetition_penalty == 1 for s in rows):
+            return self.model.argmax(local).cpu().tolist()
+        return self._sample(self.model.output.gather(local), rows).tolist()
+
+    def _advance(self, sampled: list[Sequence], emit: list[int], tokens: list[int]
+                 ) -> list[Finished]:
+        """Append each emitted token, apply the stop rules; a row that generates nothing
+        (max_new_tokens=0: scoring its prompt) ends at its prompt with "length"."""
         done: list[Finished] = []
         now = time.perf_counter()
-        for seq, tok in zip(sampled, tokens):
-            if not seq.output_ids:
-                seq.first_token_at = now
-            seq.output_ids.append(tok)
-            self.tokens_generated += 1
-            reason, stop_text = self._stop(seq, tok)
+        picked = dict(zip(emit, tokens))
+        for i, seq in enumerate(sampled):
+            if i not in picked:
+                reason, stop_text = "length", None
+            else:
+                tok = picked[i]
+                if not seq.output_ids:
+                    seq.first_token_at = now
+                seq.output_ids.append(tok)
+                self.tokens_generated += 1
+                reason, stop_text = self._stop(seq, tok)
             if reason:
                 self.scheduler.finish(seq, reason)
-                done.append(Finished(seq.request_id, seq.prompt_len, seq.output_ids, reason,
-                                     stop_text, ttft_s=seq.first_token_at - seq.arrival,
-                                     latency_s=now - seq.arrival))
+                done.append(self._finished(seq, reason, stop_text, now))
         return done
+
+    @staticmethod
+    def _finished(seq: Sequence, reason: str, stop_text: str | None, now: float) -> Finished:
+        first = seq.first_token_at or now
+        return Finished(seq.request_id, seq.prompt_len, seq.output_ids, reason, stop_text,
+                        ttft_s=first - seq.arrival, latency_s=now - seq.arrival,
+                        sample_index=seq.sample_index,
+                        token_logprobs=seq.token_logprobs, top_logprobs=seq.top_logprobs,
+                        prompt_logprobs=seq.prompt_logprobs)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Sample where the logits are (no [B, vocab] copy to the host per step): only the [B]
@@ -213,5 +270,5 @@ class Engine:
         out: dict[Any, Finished] = {}
         while self.has_work():
             for f in self.step():
-                out[f.request_id] = f
-        return [out[rid] for rid, _, _ in requests]
+                out[(f.request_id, f.sample_index)] = f
+        return [out[(rid, i)] for rid, _, p in requests for i in range(p.n)]

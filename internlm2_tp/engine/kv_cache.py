@@ -89,7 +89,8 @@ class BlockManager:
     def first_block_key(self, seq: Sequence) -> int | None:
         """The prefix-cache key of seq's first block when allocate() could reuse it, else None
         (caching off, or no full block before the last token)."""
-        if not self.prefix_caching or (seq.num_tokens - 1) // self.block_size < 1:
+        if (not self.prefix_caching or seq.params.prompt_logprobs
+                or (seq.num_tokens - 1) // self.block_size < 1):
             return None
         return self._hash(seq, 0)
 
@@ -101,11 +102,14 @@ class BlockManager:
 
     def allocate(self, seq: Sequence) -> None:
         """Blocks for all of seq's current tokens, reusing cached full blocks of its prefix.
-        At least the last token is always recomputed (its logits are needed)."""
+        At least the last token is always recomputed (its logits are needed). A row that asks for
+        its prompt's log-probabilities computes every prompt token (the cache holds keys and
+        values, not the logits a cached block's tokens were scored with)."""
         assert not seq.block_table
         seq.block_hashes = []
         bs = self.block_size
-        cacheable = (seq.num_tokens - 1) // bs if self.prefix_caching else 0
+        cacheable = ((seq.num_tokens - 1) // bs
+                     if self.prefix_caching and not seq.params.prompt_logprobs else 0)
         hits = 0
         for i in range(cacheable):
             h = self._hash(seq, i)
@@ -122,6 +126,29 @@ class BlockManager:
         seq.num_hashed_blocks = hits
         self.prefix_hit_tokens += hits * bs
         self.prefix_query_tokens += seq.num_tokens
+
+    def fork(self, parent: Sequence, child: Sequence) -> bool:
+        """Give `child` (a sibling sample of the same prompt) the parent's computed full prompt
+        blocks, shared by reference count, and fresh blocks for the rest; the child recomputes
+        only the prompt's last partial block (at least its last token, whose logits it samples
+        from). False (nothing taken) when too few blocks are free."""
+        assert not child.block_table
+        bs = self.block_size
+        shared = min((child.num_tokens - 1) // bs, parent.prompt_len // bs,
+                     parent.num_computed // bs, len(parent.block_table))
+        if self.blocks_for(child.num_tokens) - shared > self.num_free:
+            return False
+        for block in parent.block_table[:shared]:
+            self._take(block)
+        child.block_table = list(parent.block_table[:shared])
+        while len(child.block_table) < self.blocks_for(child.num_tokens):
+            child.block_table.append(self._fresh())
+        child.block_hashes = list(parent.block_hashes[:shared])
+        child.num_hashed_blocks = len(child.block_hashes)
+        child.num_computed = child.num_prefix_hits = shared * bs
+        self.prefix_hit_tokens += shared * bs
+        self.prefix_query_tokens += child.num_tokens
+        return True
 
     def reserve(self, seq: Sequence, upto: int) -> bool:
         """Blocks for tokens [0, upto) of seq; False (nothing taken) when too few are free."""

@@ -10,6 +10,7 @@ Torch-free: the job's configuration is checked with it before torch is imported.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable
@@ -45,6 +46,10 @@ STRING_LIST = Kind("a list of strings", _seq_of(lambda x: isinstance(x, str)),
                    _seq_of(lambda x: isinstance(x, str)), tuple)
 
 
+MAX_N = 1024            # samples per row
+MAX_LOGPROBS = 64       # top log-probabilities per position
+
+
 @dataclass(frozen=True)
 class Rule:
     kind: Kind
@@ -53,7 +58,7 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {
-    "max_new_tokens": Rule(INTEGER, lambda v: v >= 1, "must be >= 1"),
+    "max_new_tokens": Rule(INTEGER, lambda v: v >= 0, "must be >= 0 (0: score the prompt only)"),
     "temperature": Rule(NUMBER, lambda v: math.isfinite(v) and v >= 0, "must be finite and >= 0"),
     "top_p": Rule(NUMBER, lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "top_k": Rule(INTEGER, lambda v: v >= 0, "must be >= 0 (0 disables top-k)"),
@@ -64,10 +69,16 @@ RULES: dict[str, Rule] = {
     "stop_token_ids": Rule(INTEGER_LIST, lambda v: all(x >= 0 for x in v),
                            "must hold non-negative token ids"),
     "stop": Rule(STRING_LIST, lambda v: all(v), "must hold non-empty strings"),
+    "n": Rule(INTEGER, lambda v: 1 <= v <= MAX_N, f"must be in [1, {MAX_N}]"),
+    "logprobs": Rule(INTEGER, lambda v: -1 <= v <= MAX_LOGPROBS,
+                     f"must be in [-1, {MAX_LOGPROBS}] (-1: off, 0: the sampled token's only)"),
+    "prompt_logprobs": Rule(BOOLEAN),
 }
 
 # Fields a row may set in a column of its own (the column is named as the field).
-ROW_OVERRIDES: tuple[str, ...] = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+ROW_OVERRIDES: tuple[str, ...] = ("max_new_tokens", "temperature", "top_p", "top_k", "seed",
+                                  "repetition_penalty", "stop", "stop_token_ids", "ignore_eos",
+                                  "n", "logprobs")
 
 
 def rule_error(name: str, value: Any) -> str | None:
@@ -96,6 +107,9 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()        # stop strings: handled by the engine
+    n: int = 1                        # samples of the row (sample i's seed: sample_seed)
+    logprobs: int = -1                # -1 off; >= 0 the sampled tokens'; K > 0 also the top K
+    prompt_logprobs: bool = False     # the log-probability of every prompt token
 
     def __post_init__(self) -> None:
         # Accept lists (and a bare stop string); store tuples so the dataclass stays hashable.
@@ -108,7 +122,20 @@ class SamplingParams:
             err = rule_error(f.name, getattr(self, f.name))
             if err:
                 raise ValueError(f"SamplingParams.{f.name} {err}, got {getattr(self, f.name)!r}")
+        if self.n > 1 and self.greedy:
+            raise ValueError(f"SamplingParams.n={self.n} needs temperature > 0: greedy samples "
+                             "would all be the same")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def sample_seed(seed: int, sample_index: int) -> int:
+    """Sample `sample_index`'s seed from its row's: the row's own for sample 0 (so n=1 samples as
+    before), else a hash of both. A function of (row seed, index) alone, so a sample draws the
+    same tokens in any batch, replica, tp degree or resumed run."""
+    if sample_index == 0:
+        return seed
+    h = hashlib.blake2b(f"{seed}\x00{sample_index}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little", signed=True)

@@ -38,9 +38,13 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        """The engine checked that seq fits the cache (max_model_len <= its tokens)."""
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, first: bool = False) -> None:
+        """The engine checked that seq fits the cache (max_model_len <= its tokens). `first`:
+        ahead of the queue (sibling samples whose parent's prompt was just computed)."""
+        if first:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -90,12 +94,11 @@ class Scheduler:
             if key is not None and key in in_flight:
                 held.append(self.waiting.popleft())
                 continue
-            if not self.blocks.can_allocate(seq):
+            if not self._admit(seq):
                 break
             self.waiting.popleft()
             if key is not None:
                 in_flight.add(key)
-            self.blocks.allocate(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
@@ -105,6 +108,17 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(held))  # back at the front, in arrival order
         return step
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Blocks for a waiting sequence: a sibling sample forks its running parent's prompt
+        blocks, others allocate (with prefix-cache hits). False: not enough free blocks."""
+        p = seq.parent
+        if p is not None and p.status is Status.RUNNING and p.num_computed >= p.prompt_len:
+            return self.blocks.fork(p, seq)
+        if not self.blocks.can_allocate(seq):
+            return False
+        self.blocks.allocate(seq)
+        return True
 
     def _first_key(self, seq: Sequence) -> int | None:
         """seq's first-block key while that block is not in the prefix cache yet."""

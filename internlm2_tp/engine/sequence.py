@@ -1,4 +1,5 @@
-"""One request's state inside the engine."""
+"""One request's state inside the engine (`Sequence`: one sample of it), and what the engine
+returns for each finished sample (`Finished`)."""
 from __future__ import annotations
 
 import enum
@@ -32,6 +33,12 @@ class Sequence:
     detok: Any = None                # IncrementalDetokenizer when the row has stop strings
     arrival: float = 0.0             # perf_counter() when added
     first_token_at: float = 0.0      # perf_counter() when its first new token was sampled
+    sample_index: int = 0            # which of its row's n samples this is
+    parent: "Sequence | None" = None  # the sibling whose computed prompt blocks it shares
+    forks: list["Sequence"] = field(default_factory=list)  # siblings queued once the prompt is in
+    token_logprobs: list[float] | None = None       # of each output token, when asked
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None  # [prompt_len], entry 0 None, when asked
 
     @property
     def prompt_len(self) -> int:
@@ -55,3 +62,19 @@ class Sequence:
         """The length dynamic NTK uses for position `pos`: the prompt length for prompt
         tokens, pos + 1 for generated ones (as the official model does for one request)."""
         return max(len(self.prompt_ids), pos + 1)
+
+
+@dataclass
+class Finished:
+    request_id: Any
+    prompt_tokens: int
+    output_ids: list[int]
+    finish_reason: str                # "stop", "length", or "error" (the row alone is bad)
+    stop_text: str | None = None      # the stop string that ended it, if any
+    error: str | None = None
+    ttft_s: float = 0.0               # time from add_request to the first new token
+    latency_s: float = 0.0            # time from add_request to finished
+    sample_index: int = 0             # which of the request's n samples
+    token_logprobs: list[float] | None = None           # params.logprobs >= 0
+    top_logprobs: list[list[tuple[int, float]]] | None = None   # params.logprobs > 0
+    prompt_logprobs: list[float | None] | None = None   # params.prompt_logprobs

@@ -30,11 +30,13 @@ class TPGroup:
     group: object | None = None  # torch ProcessGroup when size > 1
     shm: Any = None              # ShmCollectives: CPU ranks on one host (parallel/shm.py)
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In place: the elementwise sum (or "max") over the ranks."""
         if self.size > 1:
-            if self.shm is not None and x.is_contiguous() and x.device.type == "cpu":
+            if op == "sum" and self.shm is not None and x.is_contiguous() and x.device.type == "cpu":
                 return self.shm.all_reduce(x)
-            dist.all_reduce(x, group=self.group)
+            red = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+            dist.all_reduce(x, op=red, group=self.group)
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:

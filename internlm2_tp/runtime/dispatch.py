@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
@@ -37,12 +37,14 @@ class JobStats:
 
 class Dispatcher:
     def __init__(self, pool: Pool, rows: Iterator[InputRow],
-                 prepare: Callable[[InputRow], Request | OutputRow],
+                 prepare: Callable[[InputRow], Request | list[OutputRow]],
                  output: Callable[[Any], OutputRow], writer: ShardWriter, bar: tqdm,
                  guard: InterruptGuard, cap: int, max_restarts: int, t0: float,
                  metrics: JobMetrics | None = None):
-        """`prepare`: a row's request, or the error row that replaces it; `output`: the row of a
-        finished request; `cap`: rows in flight per group; `t0`: the job's start."""
+        """`prepare`: a row's request (for the samples still to produce: none, nothing to do), or
+        the error rows that replace them; `output`: the row of a finished sample; `cap`: rows
+        in flight per group; `t0`: the job's start. A row stays in flight until its last
+        sample is written; a rerun after a group failure asks for the samples still missing."""
         self.pool, self.rows, self.prepare, self.output = pool, rows, prepare, output
         self.writer, self.bar, self.guard = writer, bar, guard
         self.cap, self.return_after, self.max_restarts = cap, max(1, cap // 4), max_restarts
@@ -86,20 +88,29 @@ class Dispatcher:
             row = next(self.rows, None)
             if row is None:
                 break
+            r = self.prepare(row)
+            if isinstance(r, Request) and not r.samples:
+                continue   # every sample of it is in the output already
             if row.carry is not None:
                 self.carried[row.id] = row.carry
-            r = self.prepare(row)
             if isinstance(r, Request):
                 out.append(r)
             else:
-                self.put(r)
+                for i, e in enumerate(r):
+                    self.put(e, last=i == len(r) - 1)
         return out
 
     def collect(self, res: GroupResult) -> None:
         self.metrics.on_result(res.group, res.stats, res.finished)
+        inflight = self.inflight[res.group]
         for f in res.finished:
-            self.inflight[res.group].pop(f.request_id)
-            self.put(self.output(f))
+            r = inflight[f.request_id]
+            left = tuple(i for i in r.samples if i != f.sample_index)
+            if left:
+                inflight[f.request_id] = replace(r, samples=left)
+            else:
+                del inflight[f.request_id]
+            self.put(self.output(f), last=not left)
         rate = self.stats.completion_tokens / max(time.time() - self.t0, 1e-9)
         self.bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
 
@@ -127,9 +138,11 @@ class Dispatcher:
             except Exception as e:  # noqa: BLE001 - counts as another failure
                 cause = e
 
-    def put(self, row: OutputRow) -> None:
+    def put(self, row: OutputRow, last: bool = True) -> None:
+        """Write one output row; `last`: its input row's last sample (its carried columns go)."""
+        carry = self.carried.pop(row.id, None) if last else self.carried.get(row.id)
         with self.guard.critical():   # a row is in the shard buffer (or written) exactly once
-            self.writer.add(row, self.carried.pop(row.id, None))
+            self.writer.add(row, carry)
         s = self.stats
         s.rows += 1
         s.errors += row.finish_reason == "error"

@@ -15,7 +15,9 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+import pyarrow as pa
 
 from tqdm import tqdm
 
@@ -29,11 +31,11 @@ from internlm2_tp.runtime.input_types import InputColumns, InputRow
 from internlm2_tp.runtime.interrupts import InterruptGuard
 from internlm2_tp.runtime.io import plan_input
 from internlm2_tp.runtime.metrics import JobMetrics
-from internlm2_tp.runtime.output import OutputRow, ShardWriter
+from internlm2_tp.runtime.output import OutputRow, ShardWriter, optional_columns
 from internlm2_tp.runtime.output_dir import prepare_output_dir, write_manifest
 from internlm2_tp.runtime.pool import Pool
 from internlm2_tp.runtime.preflight import check_checkpoint
-from internlm2_tp.runtime.rows import error_row, finished_row, to_request
+from internlm2_tp.runtime.rows import Request, error_row, finished_row, to_request
 from internlm2_tp.runtime.sources import inputs_inside, would_read
 from internlm2_tp.runtime.stream import iter_rows
 from internlm2_tp.tokenizer import Tokenizer
@@ -44,8 +46,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def fingerprint(cfg: JobConfig, mcfg: ModelConfig, tok: Tokenizer | None = None) -> dict:
-    """What makes two runs' outputs comparable; a resumed run must match it."""
+def fingerprint(cfg: JobConfig, mcfg: ModelConfig, tok: Tokenizer | None = None,
+                optional: tuple[str, ...] = ()) -> dict:
+    """What makes two runs' outputs comparable; a resumed run must match it (`optional`: the
+    output's optional columns, so every shard of a directory has one schema)."""
     cfg_sha = hashlib.sha256(Path(mcfg.source).read_bytes()).hexdigest()
     d = cfg.data
     data = {"input": storage.canonical(d.input), "id_column": d.id_column,
@@ -58,9 +62,21 @@ def fingerprint(cfg: JobConfig, mcfg: ModelConfig, tok: Tokenizer | None = None)
         text = tok.chat_template.text if tok is not None else None
         data["chat_template"] = {"setting": d.chat_template, "sha256": hashlib.sha256(
             text.encode()).hexdigest() if text is not None else None}
-    return {"model": {"path": str(Path(cfg.model.path).resolve()), "config_sha256": cfg_sha,
-                      "dtype": cfg.model.dtype},
-            "generation": asdict(cfg.generation), "data": data}
+    fp = {"model": {"path": str(Path(cfg.model.path).resolve()), "config_sha256": cfg_sha,
+                    "dtype": cfg.model.dtype},
+          "generation": _generation_fingerprint(cfg), "data": data}
+    if optional:
+        fp["output_columns"] = list(optional)
+    return fp
+
+
+# Generation keys added after outputs were first written: fingerprinted only when set.
+_LATER_GENERATION_KEYS = {"n": 1, "logprobs": -1, "prompt_logprobs": False}
+
+
+def _generation_fingerprint(cfg: JobConfig) -> dict:
+    g = asdict(cfg.generation)
+    return {k: v for k, v in g.items() if _LATER_GENERATION_KEYS.get(k, object()) != v}
 
 
 class Job:
@@ -98,13 +114,23 @@ class Job:
             raise JobConfigError(f"data.output {d.output!r} is inside data.input {d.input!r}: "
                                  "its shards would be read as input by the rerun; choose an "
                                  "output directory outside data.input")
-        self.done_ids = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg, self.tok), d.overwrite)
-        self.base = cfg.generation.sampling_params()
+        g = cfg.generation
+        self.optional = optional_columns(g.n, g.logprobs, g.prompt_logprobs,
+                                         self.plan.override_columns)
+        samples = "sample_index" in self.optional
+        done = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg, self.tok, self.optional),
+                                  d.overwrite, with_samples=samples)
+        self.base = g.sampling_params()
+        self.done_samples, self.done_ids = _done(done, g.n, "n" in self.plan.override_columns)
         self.todo = self.plan.num_rows - (len(self.done_ids) if self.done_ids is not None else 0)
 
     def _rows(self) -> Iterator[InputRow]:
         for batch in iter_rows(self.plan, self.columns, self.cfg.data.batch_rows, self.done_ids):
             yield from batch
+
+    def _prepare(self, row: InputRow) -> Request | list[OutputRow]:
+        return to_request(row, self.tok, self.base, self.mcfg.vocab_size,
+                          self.done_samples.get(row.id, ()))
 
     def run(self, pool: Pool) -> dict:
         """Run every row not yet in the output. Whatever happens (a group lost for good, bad
@@ -115,8 +141,8 @@ class Job:
                  self.plan.num_rows, len(self.plan.files), self.plan.num_rows - self.todo,
                  self.out.uri, self.todo)
         writer = ShardWriter(self.out, self.plan.id_type, cfg.data.shard_rows,
-                             carry=self.plan.carry_schema)
-        bar = tqdm(total=self.todo, unit="row", file=sys.stderr, dynamic_ncols=True,
+                             carry=self.plan.carry_schema, optional=self.optional)
+        bar = tqdm(total=self.todo * self.base.n, unit="row", file=sys.stderr, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 10)
         guard = InterruptGuard()
         with guard:
@@ -161,17 +187,35 @@ class Job:
 
         def output(f: Finished) -> OutputRow:
             if f.error:
-                return error_row(f.request_id, f.error, f.prompt_tokens)
+                return error_row(f.request_id, f.error, f.prompt_tokens, f.sample_index)
             return finished_row(f.request_id, f.prompt_tokens, f.output_ids, f.finish_reason,
-                                f.stop_text, self.tok, facts.eos_ids)
+                                f.stop_text, self.tok, facts.eos_ids, sample_index=f.sample_index,
+                                token_logprobs=f.token_logprobs, top_logprobs=f.top_logprobs,
+                                prompt_token_logprobs=f.prompt_logprobs)
 
-        run = Dispatcher(pool, self._rows(),
-                         lambda row: to_request(row, self.tok, self.base, self.mcfg.vocab_size),
-                         output, writer, bar, guard,
+        run = Dispatcher(pool, self._rows(), self._prepare, output, writer, bar, guard,
                          cap=cfg.ray.inflight_per_group or 2 * cfg.engine.max_num_seqs,
                          max_restarts=cfg.ray.max_group_restarts, t0=t0,
                          metrics=JobMetrics(pool.num_groups, pool.metrics_sink(self.out.uri)))
         return facts, run.run(), run.metrics
+
+
+def _done(done: pa.Array | None, n: int, per_row_n: bool
+          ) -> tuple[dict[Any, set[int]], pa.Array | None]:
+    """From what the output holds: (row id -> sample indices written, for rows that may still
+    miss some; the ids the reader skips). Without samples every written id is done. With them
+    a row is skipped when all its job-level n samples are in, and with a per-row `n` column
+    none is skipped up front: each row's own n decides, as it is read."""
+    if done is None or not pa.types.is_struct(done.type):
+        return {}, done
+    written: dict[Any, set[int]] = {}
+    for rid, i in zip(done.field("id").to_pylist(), done.field("sample_index").to_pylist()):
+        written.setdefault(rid, set()).add(i)
+    if per_row_n:
+        return written, None
+    full = [rid for rid, have in written.items() if len(have.intersection(range(n))) == n]
+    partial = {rid: have for rid, have in written.items() if len(have.intersection(range(n))) < n}
+    return partial, pa.array(full, done.field("id").type) if full else None
 
 
 def _shutdown(pool: Pool) -> None:

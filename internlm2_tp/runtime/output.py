@@ -23,9 +23,15 @@ FINISH_REASONS = ("stop", "length", "error")
 _INT32_MAX = 2**31 - 1
 
 
-def _column(arrow: pa.DataType, nullable: bool = False) -> Any:
-    """A field of OutputRow that is an output column of this Parquet type."""
-    return field(metadata={"arrow": arrow, "nullable": nullable})
+def _column(arrow: pa.DataType, nullable: bool = False, default: Any = None,
+            optional: bool = False) -> Any:
+    """A field of OutputRow that is an output column of this Parquet type. `optional`: present
+    only in the outputs of jobs that ask for it (`optional_columns`)."""
+    meta = {"arrow": arrow, "nullable": nullable, "optional": optional}
+    return field(metadata=meta) if not optional else field(default=default, metadata=meta)
+
+
+TOP_LOGPROB = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])
 
 
 @dataclass
@@ -40,6 +46,13 @@ class OutputRow:
     completion_tokens: int = _column(pa.int32())
     finish_reason: str = _column(pa.string())
     error: str | None = _column(pa.string(), nullable=True)
+    # The optional columns, after today's (null: the row did not ask, or it is an error row).
+    sample_index: int = _column(pa.int32(), default=0, optional=True)
+    token_logprobs: list[float] | None = _column(pa.list_(pa.float32()), True, optional=True)
+    top_logprobs: list[list[dict]] | None = _column(pa.list_(pa.list_(TOP_LOGPROB)), True,
+                                                    optional=True)
+    prompt_token_logprobs: list[float | None] | None = _column(pa.list_(pa.float32()), True,
+                                                               optional=True)
 
     def __post_init__(self) -> None:
         _check_row(self)
@@ -49,10 +62,25 @@ class OutputRow:
 FIELDS: tuple[tuple[str, pa.DataType, bool], ...] = tuple(
     (f.name, f.metadata["arrow"], f.metadata["nullable"]) for f in fields(OutputRow) if f.metadata)
 OUTPUT_COLUMNS = tuple(f.name for f in fields(OutputRow))
+OPTIONAL_COLUMNS = tuple(f.name for f in fields(OutputRow) if f.metadata.get("optional"))
 
 
-def output_schema(id_type: pa.DataType, carry: pa.Schema | None = None) -> pa.Schema:
-    """Our columns, then the carried input columns (``data.carry_columns``) as they came."""
+def optional_columns(n: int, logprobs: int, prompt_logprobs: bool,
+                     override_columns: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The optional columns a job's output has: fixed for the whole job by its settings and its
+    input's override columns (a row's `n` or `logprobs` column may ask for them), so every
+    shard of one output has the same schema."""
+    want = {"sample_index": n > 1 or "n" in override_columns,
+            "token_logprobs": logprobs >= 0 or "logprobs" in override_columns,
+            "top_logprobs": logprobs > 0 or "logprobs" in override_columns,
+            "prompt_token_logprobs": prompt_logprobs}
+    return tuple(c for c in OPTIONAL_COLUMNS if want[c])
+
+
+def output_schema(id_type: pa.DataType, carry: pa.Schema | None = None,
+                  optional: tuple[str, ...] = ()) -> pa.Schema:
+    """Our columns (the optional ones listed in `optional`), then the carried input columns
+    (``data.carry_columns``) as they came."""
     if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
         raise ValueError(f"output id type must be an integer or string type, got {id_type}")
     carry = carry if carry is not None else pa.schema([])
@@ -60,7 +88,8 @@ def output_schema(id_type: pa.DataType, carry: pa.Schema | None = None) -> pa.Sc
     if clash or len(set(carry.names)) != len(carry.names):
         raise ValueError(f"carried columns {carry.names} repeat a name or clash with {list(OUTPUT_COLUMNS)}")
     return pa.schema([pa.field("id", id_type, nullable=False),
-                      *(pa.field(n, t, nullable=nl) for n, t, nl in FIELDS), *carry])
+                      *(pa.field(n, t, nullable=nl) for n, t, nl in FIELDS
+                        if n not in OPTIONAL_COLUMNS or n in optional), *carry])
 
 
 def _check_row(row: OutputRow) -> None:
@@ -86,6 +115,16 @@ def _check_row(row: OutputRow) -> None:
         raise ValueError(f"{who}: finish_reason 'error' needs a non-empty error message")
     if row.finish_reason != "error" and row.error is not None:
         raise ValueError(f"{who}: error must be None unless finish_reason is 'error'")
+    if type(row.sample_index) is not int or not 0 <= row.sample_index <= _INT32_MAX:
+        raise ValueError(f"{who}: sample_index must be an int in [0, 2**31)")
+    for name in ("token_logprobs", "top_logprobs"):
+        v = getattr(row, name)
+        if v is not None and len(v) != len(ids):
+            raise ValueError(f"{who}: {name} has {len(v)} entries for {len(ids)} tokens")
+    p = row.prompt_token_logprobs
+    if p is not None and (len(p) != row.prompt_tokens or (p and p[0] is not None)):
+        raise ValueError(f"{who}: prompt_token_logprobs must have one entry per prompt token, "
+                         "the first null")
 
 
 class ShardWriter:
@@ -93,7 +132,8 @@ class ShardWriter:
     ``part-<run-id>-<seq>.parquet`` shards that appear whole."""
 
     def __init__(self, out: Location | str | os.PathLike, id_type: pa.DataType, shard_rows: int = 1000,
-                 run_id: str | None = None, carry: pa.Schema | None = None):
+                 run_id: str | None = None, carry: pa.Schema | None = None,
+                 optional: tuple[str, ...] = ()):
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
         if run_id is None:
@@ -103,7 +143,7 @@ class ShardWriter:
         self.out = as_location(out)
         if self.out.has_dirs and storage.info(self.out, _W).type != pafs.FileType.Directory:
             raise OutputDirError(f"output directory {self.out.uri} does not exist (call prepare_output_dir)")
-        self.schema = output_schema(id_type, carry)
+        self.schema = output_schema(id_type, carry, optional)
         self.carry = carry if carry is not None else pa.schema([])
         self._id_is_int = pa.types.is_integer(id_type)
         self.shard_rows = shard_rows

@@ -82,23 +82,34 @@ def _scan(out: Location) -> tuple[list[str], list[str], list[str], set[str]]:
     return sorted(parts), temps, sorted(foreign), meta
 
 
-def _read_ids(out: Location, path: str) -> pa.Array:
+def _read_ids(out: Location, path: str, with_samples: bool = False) -> pa.Array:
+    """The part file's ids; with_samples: a struct array of (id, sample_index), the latter 0
+    in a file without that column."""
     try:
         with out.fs.open_input_file(path) as f:
-            return pq.read_table(f, columns=["id"]).column(0).combine_chunks()
+            pf = pq.ParquetFile(f)
+            has = with_samples and "sample_index" in pf.schema_arrow.names
+            t = pf.read(columns=["id", "sample_index"] if has else ["id"])
+        ids = t.column(0).combine_chunks()
+        if not with_samples:
+            return ids
+        index = (t.column(1).combine_chunks() if has else pa.array([0] * len(ids), pa.int32()))
+        return pa.StructArray.from_arrays([ids, index], ["id", "sample_index"])
     except Exception as e:  # noqa: BLE001
         raise OutputDirError(f"{out.show(path)}: cannot read the id column of this part file ({e}); delete "
                              "it to redo its rows") from e
 
 
-def read_output_ids(out: Location | str | os.PathLike) -> pa.Array | None:
-    """Ids already written (id column of every part file), or None when there are none."""
+def read_output_ids(out: Location | str | os.PathLike, with_samples: bool = False
+                    ) -> pa.Array | None:
+    """Ids already written (id column of every part file), or None when there are none. With
+    `with_samples` (a job with n samples per row): (id, sample_index) structs, each pair once."""
     out = as_location(out)
     if out.has_dirs and storage.info(out, _W).type != pafs.FileType.Directory:
         return None
     parts = _scan(out)[0]
     with ThreadPoolExecutor(max_workers=8) as pool:   # one round trip each on an object store
-        chunks = list(pool.map(lambda p: _read_ids(out, p), parts))
+        chunks = list(pool.map(lambda p: _read_ids(out, p, with_samples), parts))
     for p, c in zip(parts, chunks):
         if c.type != chunks[0].type:
             raise OutputDirError(f"{out.show(p)}: id type {c.type} differs from {chunks[0].type} in "
@@ -106,9 +117,16 @@ def read_output_ids(out: Location | str | os.PathLike) -> pa.Array | None:
     if not chunks:
         return None
     ids = pa.concat_arrays(chunks)
-    counts = pc.value_counts(ids)
+    key = ids if not with_samples else pc.binary_join_element_wise(
+        pc.cast(ids.field("id"), pa.string()), pc.cast(ids.field("sample_index"), pa.string()),
+        "\x00")
+    counts = pc.value_counts(key)
     dup = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
     if len(dup):
+        if with_samples:
+            pairs = [tuple(d.split("\x00")) for d in dup[:5].to_pylist()]
+            raise OutputDirError(f"(id, sample_index) pairs {pairs} appear more than once "
+                                 f"across the part files of {out.uri}")
         holders = [out.show(p) for p, c in zip(parts, chunks) if pc.any(pc.is_in(c, value_set=dup)).as_py()]
         raise OutputDirError(f"ids {dup[:5].to_pylist()} appear more than once across part files {holders}")
     return ids
@@ -129,8 +147,10 @@ def _fingerprint_problem(out: Location, meta: set[str], parts: list[str], want: 
     return f"{out.uri} holds output of a different job; fingerprint keys differ: {diff}" if diff else None
 
 
-def prepare_output_dir(out: Location | str | os.PathLike, fingerprint: dict, overwrite: bool) -> pa.Array | None:
-    """Create/validate the output directory for this job; return the ids already done (or None).
+def prepare_output_dir(out: Location | str | os.PathLike, fingerprint: dict, overwrite: bool,
+                       with_samples: bool = False) -> pa.Array | None:
+    """Create/validate the output directory for this job; return the ids already done (or None;
+    `with_samples`: the (id, sample_index) pairs, as read_output_ids).
     Refusals come before anything is written; then a probe write and delete proves the
     permissions the run needs, before any weight is loaded."""
     if not isinstance(fingerprint, dict):
@@ -172,7 +192,7 @@ def prepare_output_dir(out: Location | str | os.PathLike, fingerprint: dict, ove
         _write_json(out.child(JOB_FILE), job)
         if legacy:   # renamed, so that every Parquet reader skips it
             storage.delete(out, out.child(LEGACY_JOB_FILE).path, _W)
-    return read_output_ids(out)
+    return read_output_ids(out, with_samples)
 
 
 def write_manifest(out: Location | str | os.PathLike, manifest: dict) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Collection
 
 from internlm2_tp.engine.params import SamplingParams
 from internlm2_tp.runtime.input_types import InputRow
@@ -22,6 +22,7 @@ class Request:
     row_id: Any
     prompt_ids: list[int]
     params: SamplingParams
+    samples: tuple[int, ...] = (0,)    # the sample indices still to produce (of params.n)
 
 
 def row_seed(job_seed: int, row_id: Any) -> int:
@@ -31,15 +32,29 @@ def row_seed(job_seed: int, row_id: Any) -> int:
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
-def error_row(row_id: Any, message: str, prompt_tokens: int = 0) -> OutputRow:
+def error_row(row_id: Any, message: str, prompt_tokens: int = 0, sample_index: int = 0
+              ) -> OutputRow:
     return OutputRow(id=row_id, completion="", completion_token_ids=[],
                      prompt_tokens=prompt_tokens, completion_tokens=0, finish_reason="error",
-                     error=message)
+                     error=message, sample_index=sample_index)
 
 
-def to_request(row: InputRow, tok: Tokenizer, base: SamplingParams,
-               vocab_size: int) -> Request | OutputRow:
-    """The engine request for a row, or the error row that replaces it."""
+def to_request(row: InputRow, tok: Tokenizer, base: SamplingParams, vocab_size: int,
+               done: Collection[int] = ()) -> Request | list[OutputRow]:
+    """The engine request for a row's samples not in `done` (sample indices already written;
+    none left: a request with no samples), or the error rows that replace them, one per
+    sample. A row has n samples: its own `n` column's, else the job's."""
+    r = _request(row, tok, base, vocab_size)
+    n = r.params.n if isinstance(r, Request) else row.overrides.get("n", base.n)
+    samples = tuple(i for i in range(n) if i not in done)
+    if isinstance(r, Request):
+        return replace(r, samples=samples)
+    return [replace(r, sample_index=i) for i in samples]
+
+
+def _request(row: InputRow, tok: Tokenizer, base: SamplingParams,
+             vocab_size: int) -> Request | OutputRow:
+    """The engine request for a row (all its samples), or the error row that replaces it."""
     if row.error is not None:
         return error_row(row.id, row.error)
     try:
@@ -57,15 +72,21 @@ def to_request(row: InputRow, tok: Tokenizer, base: SamplingParams,
                                  f"[0, {vocab_size})", len(ids))
     try:   # the row's own values (checked by the reader) over the job's; a seed per row
         params = replace(base, **{"seed": row_seed(base.seed, row.id), **row.overrides})
-    except ValueError as e:
-        return error_row(row.id, f"row id {row.id!r}: {e}", len(ids))
+    except ValueError as e:   # a value out of range with the others (n > 1 when greedy)
+        msg = str(e).replace("SamplingParams.", "")
+        return error_row(row.id, f"row id {row.id!r}: {msg}", len(ids))
     return Request(row.id, ids, params)
 
 
 def finished_row(row_id: Any, prompt_tokens: int, output_ids: list[int], finish_reason: str,
-                 stop_text: str | None, tok: Tokenizer, eos_ids: tuple[int, ...]) -> OutputRow:
+                 stop_text: str | None, tok: Tokenizer, eos_ids: tuple[int, ...],
+                 **scores: Any) -> OutputRow:
     """Text of the completion: specials skipped (so a final eos / <|im_end|> never shows), and cut
-    before the stop string that ended it."""
+    before the stop string that ended it. `scores`: sample_index and the log-probabilities
+    (token_logprobs, top_logprobs as (token id, logprob) pairs, prompt_token_logprobs)."""
+    top = scores.get("top_logprobs")
+    if top is not None:
+        scores["top_logprobs"] = [[{"token_id": t, "logprob": v} for t, v in pos] for pos in top]
     text = tok.decode(output_ids)
     if stop_text is not None:
         cut = text.find(stop_text)
@@ -73,4 +94,4 @@ def finished_row(row_id: Any, prompt_tokens: int, output_ids: list[int], finish_
             text = text[:cut]
     return OutputRow(id=row_id, completion=text, completion_token_ids=list(output_ids),
                      prompt_tokens=prompt_tokens, completion_tokens=len(output_ids),
-                     finish_reason=finish_reason, error=None)
+                     finish_reason=finish_reason, error=None, **scores)

@@ -43,7 +43,8 @@ class WorkerSpec:
     timeout_s: float = 600.0
     env: dict[str, str] = field(default_factory=dict)   # e.g. HCCL_* settings
     threads: int = 0                # torch CPU threads; 0: leave torch's default
-    need_tokenizer: bool = False    # stop strings are matched on text inside the engine
+    need_tokenizer: bool = False    # stop strings are matched on text inside the engine (a job
+                                    # always loads it: any row may have a `stop` column)
     local_index: int = 0            # device index on the node (0 under Ray: one visible device)
 
     @classmethod
@@ -54,7 +55,7 @@ class WorkerSpec:
                    device=device, tp=cfg.parallel.tp, rank=rank, master_addr=master_addr,
                    master_port=0, engine=cfg.engine, timeout_s=cfg.parallel.timeout_s,
                    env=PLATFORMS[device]().job_env(cfg.parallel), threads=threads,
-                   need_tokenizer=bool(cfg.generation.stop), local_index=local_index)
+                   need_tokenizer=True, local_index=local_index)
 
 
 def _counters(eng: Engine) -> dict[str, int]:
@@ -66,7 +67,7 @@ def _counters(eng: Engine) -> dict[str, int]:
 def digest(results: list[Finished]) -> str:
     h = hashlib.sha256()
     for f in results:
-        h.update(repr((f.request_id, f.output_ids, f.finish_reason)).encode())
+        h.update(repr((f.request_id, f.sample_index, f.output_ids, f.finish_reason)).encode())
     return h.hexdigest()
 
 
@@ -128,9 +129,10 @@ class Worker:
         done: list[Finished] = []
         for r in requests:
             try:
-                eng.add_request(r.row_id, r.prompt_ids, r.params)
+                eng.add_request(r.row_id, r.prompt_ids, r.params, r.samples)
             except ValueError as e:  # this row alone cannot run (e.g. longer than the cache)
-                done.append(Finished(r.row_id, len(r.prompt_ids), [], "error", error=str(e)))
+                done += [Finished(r.row_id, len(r.prompt_ids), [], "error", error=str(e),
+                                  sample_index=i) for i in r.samples]
         t0 = time.perf_counter()
         before = _counters(eng)
         while eng.has_work() and len(done) < max(1, return_after):
