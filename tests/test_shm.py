@@ -13,8 +13,9 @@ from _mp import run_ranks
 from internlm2_tp.parallel import shm as shm_mod
 from internlm2_tp.parallel.group import destroy_tp_group, init_tp_group
 
-pytestmark = pytest.mark.skipif(not shm_mod.supported(), reason="shared-memory collectives "
-                                "run only on x86-64 Linux with /dev/shm")
+pytestmark = [pytest.mark.skipif(not shm_mod.supported(), reason="shared-memory collectives "
+                                 "run only on x86-64 Linux with /dev/shm"),
+              pytest.mark.slow]   # every test starts rank processes
 
 
 def rank_compare(rank: int, world: int, port: int, budget: int) -> dict:
