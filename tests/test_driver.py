@@ -146,5 +146,5 @@ def test_fingerprint_of_a_default_job_is_unchanged(ckpt):
                                         "repetition_penalty", "seed", "ignore_eos", "stop",
                                         "stop_token_ids"}
     cfg = load_job_config(None, [f"model.path={ckpt}", "generation.logprobs=0"])
-    fp = fingerprint(cfg, mcfg, ("token_logprobs",))
+    fp = fingerprint(cfg, mcfg, optional=("token_logprobs",))
     assert fp["generation"]["logprobs"] == 0 and fp["output_columns"] == ["token_logprobs"]

@@ -37,7 +37,7 @@ def _no_stray_job():
 def prompts_with_metadata(path: Path, n: int) -> Path:
     """The demo-style prompts plus columns to carry: int, string, list, nested struct."""
     t = pq.read_table(write_prompts(path, n))
-    t = t.append_column("n", pa.array([i * 7 for i in range(n)], pa.int32()))
+    t = t.append_column("num", pa.array([i * 7 for i in range(n)], pa.int32()))
     t = t.append_column("src", pa.array([f"doc-{i}" if i % 4 else None for i in range(n)]))
     t = t.append_column("tags", pa.array([[f"t{j}" for j in range(i % 3)] for i in range(n)]))
     t = t.append_column("meta", pa.array([{"src": f"s{i}", "tags": ["a"] * (i % 2), "w": i / 4} for i in range(n)],
@@ -61,7 +61,7 @@ def same_rows(a: dict, b: dict) -> None:
 def test_s3_to_s3_at_tp2_equals_the_job_on_local_files(ckpt, s3, ray_gcs, tmp_path):
     local = prompts_with_metadata(tmp_path / "prompts.parquet", 24)
     data = s3.put("in/prompts.parquet", local.read_bytes())
-    extra = ("parallel.tp=2", f"ray.address={ray_gcs}", "data.shard_rows=10", "data.carry_columns=[n,src,tags,meta]")
+    extra = ("parallel.tp=2", f"ray.address={ray_gcs}", "data.shard_rows=10", "data.carry_columns=[num,src,tags,meta]")
     finish(start_job(job_args(ckpt, local, tmp_path / "out", *extra)))
     log = finish(start_job(s3_args(ckpt, data, s3.uri("out"), *extra)))
     assert f"Output: {s3.uri('out')}/part-*.parquet" in log      # the summary read the store back
@@ -73,7 +73,7 @@ def test_s3_to_s3_at_tp2_equals_the_job_on_local_files(ckpt, s3, ray_gcs, tmp_pa
     assert names[:2] == ["_job.json", "_manifest.json"] and all(n.startswith("part-") for n in names[2:])
     loc = s3.loc("out")
     schema = pq.read_table(loc.path, filesystem=loc.fs).schema   # the prefix opens as one dataset
-    assert schema.field("meta").type == META and schema.field("n").type == pa.int32()
+    assert schema.field("meta").type == META and schema.field("num").type == pa.int32()
 
 
 def test_sigkill_driver_then_rerun_on_s3_exactly_once(ckpt, s3, ray_gcs, tmp_path):
@@ -109,15 +109,15 @@ def test_hive_partitioned_parquet_on_s3(ckpt, s3, capsys):
 
 
 def test_jsonl_on_s3_with_a_malformed_line(ckpt, s3, capsys):
-    lines = [b'{"id": "a", "prompt": "The capital of France is", "n": 1}',
-             b'{"id": "b", "messages": [{"role": "user", "content": "hi"}], "n": 2}',
+    lines = [b'{"id": "a", "prompt": "The capital of France is", "num": 1}',
+             b'{"id": "b", "messages": [{"role": "user", "content": "hi"}], "num": 2}',
              b'{"id": "c", "prompt": "cut off here',
-             b'{"id": "d", "prompt_token_ids": [1, 5, 6], "n": 4}']
+             b'{"id": "d", "prompt_token_ids": [1, 5, 6], "num": 4}']
     data = s3.put("in/prompts.jsonl", b"\n".join(lines) + b"\n")
     rc, err = run_job(s3_args(ckpt, data, s3.uri("out"), "data.carry_columns=['*']"), capsys)
     assert rc == 0, err
     got = s3.read_out("out")
-    assert sorted(got) == ["a", "b", "c", "d"] and [got[k]["n"] for k in "abcd"] == [1, 2, None, 4]
+    assert sorted(got) == ["a", "b", "c", "d"] and [got[k]["num"] for k in "abcd"] == [1, 2, None, 4]
     assert got["c"]["finish_reason"] == "error"
     assert got["c"]["error"].startswith(f"row id 'c': {data}:3: not valid JSON"), got["c"]["error"]
     assert all(got[k]["error"] is None and got[k]["completion_tokens"] >= 1 for k in "abd")
