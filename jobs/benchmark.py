@@ -44,7 +44,7 @@ class BenchConfig:
 
 
 def prepare_checkpoints(cfg: BenchConfig) -> tuple[str, str]:
-    from internlm2_tp.tiny import TinySpec, write_tiny_checkpoint
+    from internlm2_tp.testing.tiny import TinySpec, write_tiny_checkpoint
 
     out = Path(cfg.out_dir)
     ours = Path(cfg.ckpt) if cfg.ckpt else out / "ckpt-internlm2"
@@ -55,7 +55,7 @@ def prepare_checkpoints(cfg: BenchConfig) -> tuple[str, str]:
                                              vocab_size=92544))
     llama = out / "ckpt-llama"
     if not (llama / "config.json").is_file():
-        from internlm2_tp.convert import convert
+        from internlm2_tp.tools.convert import convert
         convert("llama", ours, llama, overwrite=True)
     return str(ours.resolve()), str(llama.resolve())
 
@@ -65,7 +65,7 @@ def run(runner: str, args: dict, out: Path, python: str = sys.executable,
     f = out / f"args-{runner}.json"
     f.write_text(json.dumps(args))
     script = ["-m", "internlm2_tp.bench", runner] if runner != "vllm" else \
-        [str(ROOT / "internlm2_tp" / "bench_vllm.py")]
+        [str(ROOT / "internlm2_tp" / "bench" / "vllm_runner.py")]
     p = subprocess.run([python, *script, str(f)], capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
     line = next((x for x in p.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from internlm2_tp.bench import flops_per_token, make_prompts, matmul_peak_gflops
+    from internlm2_tp.bench.runners import flops_per_token, make_prompts, matmul_peak_gflops
     from internlm2_tp.config import ModelConfig
 
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchConfig),

@@ -2,15 +2,14 @@
 in its own fresh process on the same checkpoint and prompts, so peak RSS is per process and the
 machine's noise is shared by all.
 
-`python -m internlm2_tp.bench RUNNER '<json>'` runs one measurement and prints one JSON line.
+`python -m internlm2_tp.bench RUNNER ARGS.json` (bench/__main__.py) runs one measurement and prints
+one JSON line.
 """
 from __future__ import annotations
 
-import json
 import os
 import queue
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -106,7 +105,7 @@ def _ours_rank(rank: int, args: dict, port: int, q: Any) -> None:
 def run_ours(args: dict) -> dict:
     import multiprocessing as mp
 
-    from internlm2_tp.parallel.device import free_port
+    from internlm2_tp.parallel.group import free_port
 
     ctx = mp.get_context("spawn")
     q, port = ctx.Queue(), free_port()
@@ -171,7 +170,3 @@ def run_hf(args: dict) -> dict:
 
 
 RUNNERS = {"ours": run_ours, "hf": run_hf}
-
-if __name__ == "__main__":
-    result = RUNNERS[sys.argv[1]](json.loads(Path(sys.argv[2]).read_text()))
-    print("BENCH_RESULT " + json.dumps(result))
