@@ -47,6 +47,16 @@ def rank_logits(rank: int, world: int, port: int, ckpt: str, seqs: list[list[int
     return out if rank == 0 else None
 
 
+@torch.inference_mode()
+def rank_embedding(rank: int, world: int, port: int, ckpt: str, ids: list[int]
+                   ) -> torch.Tensor | None:
+    """The model's first step alone: this rank's masked vocab-shard lookup, all-reduced."""
+    model = build_model(rank, world, port, ckpt)
+    out = model.tp.all_reduce(model.tok_embeddings(torch.tensor(ids, dtype=torch.long)))
+    destroy_tp_group(model.tp)
+    return out if rank == 0 else None
+
+
 def _status_kib(field: str) -> int:
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from _mp import run_ranks
-from _ranks import build_model, prefill_logits, rank_lm_head_argmax, rank_load_rss, rank_logits
+from _ranks import (build_model, prefill_logits, rank_embedding, rank_lm_head_argmax, rank_load_rss,
+                    rank_logits)
 from internlm2_tp.parallel.layers import QKVParallelLinear
 from reference import hf_llama, hf_logits
 
@@ -96,7 +97,8 @@ def test_sharded_argmax_equals_gathered_argmax(tp):
 
 def test_bf16_checkpoint_in_fp32_keeps_the_embedding_in_bf16_exactly(make_ckpt, monkeypatch):
     """An fp32 run of a bf16 checkpoint keeps the embedding table in bf16 (half the bytes) and
-    widens only the looked-up rows: the logits are bit-identical to a fully widened table."""
+    widens only the looked-up rows: the logits are bit-identical to a fully widened table, and
+    the tp=2 masked lookup (each row from one shard, zeros from the other) is bit-identical too."""
     from internlm2_tp.parallel.layers import VocabParallelEmbedding
 
     bf16 = make_ckpt(**dict(SPEC, dtype="bfloat16"))
@@ -104,12 +106,15 @@ def test_bf16_checkpoint_in_fp32_keeps_the_embedding_in_bf16_exactly(make_ckpt, 
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     assert model.output.packed is not None or model.output.weight.dtype == torch.float32
     compact = prefill_logits(model, SEQS)
-    sharded = run_ranks(rank_logits, 2, str(bf16), SEQS)[0]   # the masked (tp > 1) lookup
+    ids = [t for s in SEQS for t in s] + [SPEC["vocab_size"] // 2 - 1, SPEC["vocab_size"] // 2]
+    sharded = run_ranks(rank_embedding, 2, str(bf16), ids)[0]   # the masked (tp > 1) lookup
     monkeypatch.setattr(VocabParallelEmbedding, "keep_checkpoint_dtype", False)
     wide = build_model(0, 1, 0, bf16)
     assert wide.tok_embeddings.weight.dtype == torch.float32
     assert torch.equal(compact, prefill_logits(wide, SEQS))
-    assert (sharded - compact).abs().max().item() < 1e-4
+    looked_up = model.tok_embeddings(torch.tensor(ids, dtype=torch.long))
+    assert sharded.dtype == looked_up.dtype == torch.float32
+    assert torch.equal(sharded, looked_up)
     # the reported per-rank weight bytes are what is held: 2 bytes less per embedding entry
     table = SPEC["vocab_size"] * SPEC["hidden_size"]
     assert wide.weight_bytes - model.weight_bytes == table * 2
