@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from internlm2_tp.ops import apply_rotary, head_by_weight, lm_head, rms_norm, row_max
+from internlm2_tp.ops import HeadWorkspace, apply_rotary, head_by_weight, lm_head, rms_norm, row_max
 from internlm2_tp.ops.torch_ops import rotate_half
 
 
@@ -65,3 +65,22 @@ def test_lm_head_view_and_its_row_max(rows):
     got, want = row_max(logits), logits.contiguous().max(dim=-1)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert not head_by_weight(w.float())             # fp32 keeps the packed path
+
+
+def test_lm_head_workspace_reuses_one_buffer_for_decode_batches():
+    """The head's product goes to one reused buffer (no fresh pages per step): the same
+    logits bit for bit; a smaller batch takes the front of it; a batch over MAX_ROWS (a
+    prefill scoring every prompt token) allocates its own and the buffer is not grown."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, 64, generator=g).bfloat16()
+    ws = HeadWorkspace()
+    x = torch.randn(64, 64, generator=g).bfloat16()
+    first = lm_head(x, w, workspace=ws)
+    assert torch.equal(first, lm_head(x, w)) and first.data_ptr() == ws.buf.data_ptr()
+    small = lm_head(x[:16], w, workspace=ws)
+    assert torch.equal(small, lm_head(x[:16], w)) and small.data_ptr() == ws.buf.data_ptr()
+    size = ws.buf.numel()
+    big = torch.randn(HeadWorkspace.MAX_ROWS + 1, 64, generator=g).bfloat16()
+    out = lm_head(big, w, workspace=ws)
+    assert torch.equal(out, lm_head(big, w)) and out.data_ptr() != ws.buf.data_ptr()
+    assert ws.buf.numel() == size

@@ -40,9 +40,9 @@ class NpuOps:
     def packs_head_weight(self, weight: torch.Tensor) -> bool:
         return False
 
-    def lm_head(self, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None
-                ) -> torch.Tensor:
-        return torch.nn.functional.linear(x, weight)
+    def lm_head(self, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+                workspace: Any = None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight)   # the device's allocator caches blocks
 
     def packs_linear_weight(self, weight: torch.Tensor) -> bool:
         return False

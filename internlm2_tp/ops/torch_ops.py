@@ -66,12 +66,39 @@ def head_by_weight(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.bfloat16
 
 
-def lm_head(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None
-            ) -> torch.Tensor:
+class HeadWorkspace:
+    """The LM head's output buffer, reused step after step. glibc serves a block over its mmap
+    threshold (32 MiB at most) with fresh pages and unmaps it on free, so a [V, B] product of
+    that size (92544 x 256 bf16: 47 MB) costs a page fault per 4 KiB every decode step, about
+    as long as the matmul's own memory traffic. Reused for decode-sized batches only (up to
+    MAX_ROWS rows): a prefill that scores every prompt token allocates its product as before,
+    instead of holding it for the rest of the job."""
+
+    MAX_ROWS = 1024
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def take(self, like: torch.Tensor, vocab: int, batch: int) -> torch.Tensor | None:
+        """A [vocab, batch] tensor of like's dtype and device (valid until the next take), or
+        None: allocate as usual."""
+        if batch > self.MAX_ROWS:
+            return None
+        need = vocab * batch
+        b = self.buf
+        if b is None or b.numel() < need or b.dtype != like.dtype or b.device != like.device:
+            self.buf = b = like.new_empty(need)
+        return b[:need].view(vocab, batch)
+
+
+def lm_head(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None,
+            workspace: HeadWorkspace | None = None) -> torch.Tensor:
     """Logits [B, V] of x [B, in]: where head_by_weight, a [B, V] view of the [V, B] product
-    weight @ x^T (column-major; row_max and the head's gather take it as it is), else linear."""
+    weight @ x^T (column-major; row_max and the head's gather take it as it is), else linear.
+    With a workspace the product lives in its buffer: valid until the next call."""
     if packed is None and head_by_weight(weight):
-        return torch.mm(weight, x.t()).t()
+        out = workspace.take(weight, weight.shape[0], x.shape[0]) if workspace else None
+        return torch.mm(weight, x.t(), out=out).t()
     return linear(x, weight, packed)
 
 
@@ -157,9 +184,9 @@ class TorchOps:
     def packs_head_weight(self, weight: torch.Tensor) -> bool:
         return packs_linear_weight(weight) and not head_by_weight(weight)
 
-    def lm_head(self, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None
-                ) -> torch.Tensor:
-        return lm_head(x, weight, packed)
+    def lm_head(self, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+                workspace: HeadWorkspace | None = None) -> torch.Tensor:
+        return lm_head(x, weight, packed, workspace)
 
     def packs_linear_weight(self, weight: torch.Tensor) -> bool:
         return packs_linear_weight(weight)

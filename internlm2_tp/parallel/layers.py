@@ -16,7 +16,7 @@ from torch import nn
 
 from internlm2_tp.checkpoint import CheckpointReader
 from internlm2_tp.config import kv_heads_per_rank
-from internlm2_tp.ops import TorchOps, linear
+from internlm2_tp.ops import HeadWorkspace, TorchOps, linear
 from internlm2_tp.parallel.group import TPGroup
 
 CPU_OPS = TorchOps()   # layers built without a model (tests, tools) pack as the CPU does
@@ -255,12 +255,13 @@ class ParallelLMHead(VocabParallelEmbedding):
                  device: torch.device, ops: Any = CPU_OPS):
         super().__init__(vocab, hidden, tp, dtype, device)
         self.ops = ops
+        self.workspace = HeadWorkspace()   # forward()'s result is valid until the next forward
 
     def packs(self, ops: Any, weight: torch.Tensor) -> bool:
         return ops.packs_head_weight(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, per_rank]
-        return self.ops.lm_head(x, self.weight, self.packed)
+        return self.ops.lm_head(x, self.weight, self.packed, self.workspace)
 
     def gather(self, local_logits: torch.Tensor) -> torch.Tensor:  # -> [B, vocab] float32
         local = local_logits.to(torch.float32, memory_format=torch.contiguous_format)
