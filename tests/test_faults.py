@@ -292,3 +292,22 @@ def test_sigterm_to_torchrun_mid_run(ckpt, data, tmp_path):
     assert wall < 20 and len(tree) >= 2 and alive(tree) == [] and in_group(proc.pid) == []
     assert_whole_shards(out, ROWS)
     read_out(out)
+
+
+def test_only_a_near_tie_is_told_apart_from_a_wrong_token():
+    """The harness's comparison: a row that parts from the reference where both runs rank the
+    same two tokens first within TIE_LOGPROB is a near tie; any other parting is a difference."""
+    fi = _fault_injection()
+
+    def top(*pairs):
+        return [{"token_id": t, "logprob": lp} for t, lp in pairs]
+
+    ref, got = [5, 7, 9], [5, 8, 3]
+    ref_top = [top((5, -0.1), (6, -3.0)), top((7, -0.70001), (8, -0.70002)), top((9, -1), (1, -2))]
+    got_top = [top((5, -0.1), (6, -3.0)), top((8, -0.70001), (7, -0.70002)), top((3, -1), (1, -2))]
+    assert fi.tie_gap(ref, ref_top, got, got_top) == pytest.approx(1e-5)
+    assert fi.tie_gap(ref, ref_top, ref, ref_top) is None                     # no parting
+    far = [top((5, -0.1), (6, -3.0)), top((8, -0.2), (7, -2.5)), got_top[2]]
+    assert fi.tie_gap(ref, ref_top, got, far) > fi.TIE_LOGPROB               # not a tie
+    other = [top((5, -0.1), (6, -3.0)), top((8, -0.70001), (4, -0.70002)), got_top[2]]
+    assert fi.tie_gap(ref, ref_top, got, other) is None                      # another pair
