@@ -296,7 +296,9 @@ def test_sigterm_to_torchrun_mid_run(ckpt, data, tmp_path):
 
 def test_only_a_near_tie_is_told_apart_from_a_wrong_token():
     """The harness's comparison: a row that parts from the reference where both runs rank the
-    same two tokens first within TIE_LOGPROB is a near tie; any other parting is a difference."""
+    same two tokens first within TIE_LOGPROB, having agreed up to there, is a near tie; any
+    other parting is a difference. (Row 964 of the harness's rows once parted at its third
+    token between two tokens 2.4e-4 apart, its earlier log-probs 3e-5 and 8e-5 off.)"""
     fi = _fault_injection()
 
     def top(*pairs):
@@ -311,3 +313,5 @@ def test_only_a_near_tie_is_told_apart_from_a_wrong_token():
     assert fi.tie_gap(ref, ref_top, got, far) > fi.TIE_LOGPROB               # not a tie
     other = [top((5, -0.1), (6, -3.0)), top((8, -0.70001), (4, -0.70002)), got_top[2]]
     assert fi.tie_gap(ref, ref_top, got, other) is None                      # another pair
+    drifted = [top((5, -0.1 - 2 * fi.TIE_LOGPROB), (6, -3.0)), *got_top[1:]]
+    assert fi.tie_gap(ref, ref_top, got, drifted) is None                    # off before the tie
