@@ -42,10 +42,11 @@ class BenchConfig:
     block_size: int = 16
     seed: int = 0
     repeats: int = 3                 # runs per size and engine (fresh prompts each); the fastest counts
+    passes: int = 1                  # rounds over the engines, every other one in reverse order
 
     def __post_init__(self) -> None:
-        if self.repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if self.repeats < 1 or self.passes < 1:
+            raise ValueError(f"repeats and passes must be >= 1, got {self.repeats}, {self.passes}")
         unknown = sorted(set(self.peers) - {"job", "hf", "vllm"})
         if unknown:
             raise ValueError(f"peers: unknown {unknown}; choose from job, hf, vllm")

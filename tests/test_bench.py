@@ -112,3 +112,22 @@ def test_targets_report_met_and_missed():
                    "ours tp1 share of roofline at 256 rows": (0.7, False),
                    "ours tp1 share of roofline at 64 rows": (0.7, True),
                    "tp2 / tp1 at 64 rows": (0.983, True)}
+
+
+def test_passes_keep_each_sizes_fastest_repeat_and_every_figure():
+    """With passes=2 an engine keeps, per size, its fastest repeat of both passes (which repeat
+    it was, for the roofline of that prompt set) and every repeat's tok/s in run order."""
+    from internlm2_tp.bench.suite import merge_passes
+
+    def res(tps: dict[int, list[float]], load: float) -> dict:
+        runs = {c: dict(tokens_per_s=max(v), repeat=v.index(max(v)), all_tokens_per_s=v)
+                for c, v in tps.items()}
+        return {"load_s": load, "runs": runs}
+
+    first = res({16: [10.0, 12.0], 64: [50.0, 40.0]}, 0.3)
+    both = merge_passes(merge_passes(None, first), res({16: [13.0, 11.0], 64: [45.0, 30.0]}, 0.9))
+    assert both["runs"][16]["tokens_per_s"] == 13.0 and both["runs"][16]["repeat"] == 0
+    assert both["runs"][16]["all_tokens_per_s"] == [10.0, 12.0, 13.0, 11.0]
+    assert both["runs"][64]["tokens_per_s"] == 50.0 and both["runs"][64]["repeat"] == 0
+    assert both["runs"][64]["all_tokens_per_s"] == [50.0, 40.0, 45.0, 30.0]
+    assert both["load_s"] == 0.3
