@@ -4,8 +4,8 @@ TorchOps (plain torch; CPU and CUDA) or NpuOps (torch_npu's fused kernels)."""
 from __future__ import annotations
 
 from internlm2_tp.ops.torch_ops import (HeadWorkspace, TorchOps, apply_rotary, head_by_weight,
-                                        linear, lm_head, pack_linear_weight, packs_linear_weight, rms_norm,
-                                        rotate_half, row_max, silu_and_mul)
+                                        linear, lm_head, pack_linear_weight, packs_linear_weight,
+                                        rms_norm, rotate_half, row_max, silu_and_mul)
 
 __all__ = ["HeadWorkspace", "TorchOps", "apply_rotary", "head_by_weight", "linear", "lm_head",
            "pack_linear_weight", "packs_linear_weight", "rms_norm", "rotate_half", "row_max",
