@@ -17,6 +17,7 @@ fused SDPA kernels can take it), a group continuing cached keys an explicit caus
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,7 @@ class PrefillGroup:
 class TorchPlan:
     decode: list[DecodeChunk] = field(default_factory=list)
     prefill: list[PrefillGroup] = field(default_factory=list)
+    kernel: bool = False  # decode rows go through the CPU kernel (no chunks)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -83,8 +85,10 @@ class TorchAttention:
     name = "torch"
 
     def __init__(self, to_device: ToDevice = plain_to_device,
-                 min_chunk_bytes: int = MIN_CHUNK_BYTES, chunk_fraction: float = CHUNK_FRACTION):
+                 min_chunk_bytes: int = MIN_CHUNK_BYTES, chunk_fraction: float = CHUNK_FRACTION,
+                 decode_kernel: Any = None):
         self.to_device, self.min_bytes, self.fraction = to_device, min_chunk_bytes, chunk_fraction
+        self.kernel = decode_kernel   # cpu_kernel.DecodeKernel: decode rows read in place
 
     def prepare(self, meta: AttentionMetadata, cache: torch.Tensor, num_heads: int) -> None:
         meta.plan = self.plan(meta, cache, num_heads)
@@ -94,6 +98,11 @@ class TorchAttention:
                 ) -> torch.Tensor:
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        nd = meta.num_decodes
+        if meta.plan.kernel and not self.kernel.decode(
+                q[:nd].contiguous(), kv, meta.block_tables[:nd], meta.context_lens[:nd],
+                out[:nd], scale):
+            raise RuntimeError("the CPU decode kernel refused shapes it accepted at prepare()")
         self.decode(q, kv, meta, meta.plan, scale, out)
         self.prefill(q, kv, meta, meta.plan, scale, out)
         return out
@@ -106,8 +115,9 @@ class TorchAttention:
         budget = max(self.min_bytes, int(self.fraction * layer_kv))
         per_key = kvh * d * (2 * its + 2 * 4) + 2 * num_heads * 4   # k, v, fp32 copies, scores
         nd, ctx = meta.num_decodes, meta.context_lens_host
-        plan = TorchPlan()
-        r0 = 0
+        plan = TorchPlan(kernel=nd > 0 and self.kernel is not None
+                         and self.kernel.supports(cache, num_heads))
+        r0 = nd if plan.kernel else 0
         while r0 < nd:
             r1, top = r0 + 1, ctx[r0]
             while r1 < nd and (r1 + 1 - r0) * max(top, ctx[r1]) * per_key <= budget:
