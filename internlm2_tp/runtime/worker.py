@@ -101,6 +101,7 @@ class Worker:
             torch.set_num_threads(s.threads)
         t0 = time.perf_counter()
         platform = self.platform or get_platform(s.device)
+        platform.prepare_process()
         device = platform.local_device(s.local_index)
         cfg = ModelConfig.from_dir(s.model_path)
         tp = init_tp_group(platform, s.rank, s.tp, s.master_addr, s.master_port, s.timeout_s)

@@ -126,6 +126,10 @@ class Platform:
         return {}
 
     # -- compute ----------------------------------------------------------------------------------
+    def prepare_process(self) -> None:
+        """Once per rank process, before the model is built: process-wide settings the device
+        wants (none by default)."""
+
     def model_dtype(self, name: str, cfg: Any) -> torch.dtype:
         """model.dtype on this device: `auto` is the checkpoint's dtype, on a CPU only where it
         multiplies bf16 natively (config.resolve_dtype)."""
