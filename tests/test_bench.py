@@ -7,8 +7,8 @@ import torch
 
 from internlm2_tp.bench import flops_per_token, make_prompts
 from internlm2_tp.bench.report import targets
-from internlm2_tp.bench.roofline import (Machine, Shape, prefix_hits, run_work, work_bytes,
-                                         work_flops)
+from internlm2_tp.bench.roofline import (GemmRates, Machine, Shape, gemm_rates, gemm_seconds,
+                                         prefix_hits, run_work, work_bytes, work_flops)
 from internlm2_tp.config import ModelConfig
 from internlm2_tp.engine.sampler import SamplingParams
 from internlm2_tp.engine.work import RunWork
@@ -99,6 +99,22 @@ def test_flops_per_token_is_the_old_weights_only_count(make_ckpt):
     per_layer = (48 + 16) * 4 * h + 48 * 4 * h + 3 * h * f
     assert flops_per_token(cfg) == 2.0 * (2 * per_layer + 1000 * h)
     assert Shape.of(cfg, torch.float32).itemsize == 4
+
+
+def test_gemm_seconds_by_hand():
+    """4 rows, 5-token prompts, 3 new tokens: 4 x 2 decode tokens at the 4-row rate, the 20
+    prompt tokens at the prefill rate, 12 logit rows at the 4-row head rate."""
+    w = run_work([5] * 4, [0] * 4, 3)
+    rates = GemmRates(layers={4: 2.0, 64: 8.0}, head={4: 1.0})
+    per_token = 2.0 * 3 * 576
+    assert gemm_seconds(w, SHAPE, rates, 4, 3, 64) == pytest.approx(
+        (per_token * 8 / 2.0 + per_token * 20 / 8.0 + 2.0 * 50 * 8 * 12 / 1.0) / 1e9)
+
+
+def test_gemm_rates_measure_every_shape_asked():
+    r = gemm_rates(SHAPE, torch.float32, [2, 4], 16, reps=1)
+    assert set(r.layers) == {2, 4, 16} and set(r.head) == {2, 4}
+    assert all(v > 0 for v in [*r.layers.values(), *r.head.values()])
 
 
 def test_targets_report_met_and_missed():

@@ -4,7 +4,8 @@ Per engine and run: output tok/s; the roofline bound of that run (roofline.py: t
 executed, weights streamed at least once per generated token, against the matmul peak and the
 streaming-read bandwidth measured in the same benchmark run) and the achieved fraction of it;
 "weights-only util", the old "util" column: output tok/s x the weight FLOPs of one generated
-token over the matmul peak (it ignores prefill, attention and memory bandwidth).
+token over the matmul peak (it ignores prefill, attention and memory bandwidth); "gemm ceil":
+the share of the roofline the run's matmuls alone reach at their own shapes (roofline.py).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from internlm2_tp.bench.roofline import Machine, RunWork, Shape, prefix_hits, run_work
+from internlm2_tp.bench.roofline import (Machine, RunWork, Shape, gemm_seconds, prefix_hits,
+                                         run_work)
 
 # (name, engine, baseline engine or None for the roofline fraction, rows, minimum)
 TARGETS = [
@@ -49,6 +51,10 @@ def summarize(cfg: Any, suite: dict[str, Any]) -> dict[str, Any]:
             run["roofline"] = b
             run["roofline_fraction"] = run["tokens_per_s"] / b["bound_tokens_per_s"]
             run["weights_only_util"] = run["tokens_per_s"] * per_tok / (machine.matmul_peak_gflops * 1e9)
+            if "gemm" in suite:
+                gemm_s = gemm_seconds(RunWork(**b["work"]), shape, suite["gemm"], int(conc),
+                                      cfg.new_tokens, suite["prefill_rows"])
+                run["gemm_ceiling"] = run["tokens"] / b["bound_tokens_per_s"] / gemm_s
     head = _tps(results, "ours_tp1", cfg.rows)
     ratios = {f"ours_tp1_vs_{e}": head / _tps(results, e, cfg.rows) for e in results
               if e != "ours_tp1" and head and _tps(results, e, cfg.rows)}
@@ -56,6 +62,7 @@ def summarize(cfg: Any, suite: dict[str, Any]) -> dict[str, Any]:
     if "read_files_s" in o:
         ratios["load_vs_file_read"] = o["load_s"] / max(o["read_files_s"], 1e-9)
     return {"machine": asdict(machine), "machine_measurements": [asdict(x) for x in m],
+            "gemm_rates": asdict(suite["gemm"]) if "gemm" in suite else None,
             "shape": asdict(shape), "weight_flops_per_output_token": per_tok,
             "config": asdict(cfg), "engines": results, "ratios": ratios,
             "targets": targets(results)}
@@ -88,7 +95,8 @@ def print_report(summary: dict[str, Any], dtype: str) -> None:
           f"{summary['weight_flops_per_output_token'] / 1e6:.0f} MFLOP of weights per output "
           f"token\n")
     print(f"{'engine':13} {'rows':>5} {'tok/s':>8} {'TTFT s':>7} {'roofline':>9} {'by':>7} "
-          f"{'of roof':>8} {'wt-only':>8} {'vs tp1':>7} {'peak RSS MB':>11} {'load s':>7}")
+          f"{'of roof':>8} {'gemm ceil':>9} {'wt-only':>8} {'vs tp1':>7} {'peak RSS MB':>11} "
+          f"{'load s':>7}")
     engines = summary["engines"]
     for e, r in engines.items():
         for conc, run in sorted(r["runs"].items(), key=lambda kv: int(kv[0])):
@@ -96,12 +104,20 @@ def print_report(summary: dict[str, Any], dtype: str) -> None:
             vs = f"{run['tokens_per_s'] / base:7.2f}" if base else f"{'-':>7}"
             ttft = f"{run['ttft_s']:7.2f}" if run.get("ttft_s") is not None else f"{'-':>7}"
             b = run["roofline"]
+            ceil = f"{run['gemm_ceiling']:9.1%}" if "gemm_ceiling" in run else f"{'-':>9}"
             print(f"{e:13} {conc:>5} {run['tokens_per_s']:8.1f} {ttft} "
                   f"{b['bound_tokens_per_s']:9.0f} {b['bound_by']:>7} "
-                  f"{run['roofline_fraction']:8.1%} {run['weights_only_util']:8.1%} {vs} "
-                  f"{r['peak_rss_mb']:11.0f} {r['load_s']:7.2f}")
+                  f"{run['roofline_fraction']:8.1%} {ceil} {run['weights_only_util']:8.1%} "
+                  f"{vs} {r['peak_rss_mb']:11.0f} {r['load_s']:7.2f}")
     print("\nroofline: the run's executed FLOPs and weight/KV bytes against the peak and "
-          "bandwidth above; wt-only: the old 'util' (weight FLOPs of output tokens only)")
+          "bandwidth above; gemm ceil: the share of that roofline the run's matmuls alone reach "
+          "at their own shapes (nothing else executed); wt-only: the old 'util' (weight FLOPs "
+          "of output tokens only)")
+    if summary.get("gemm_rates"):
+        g = summary["gemm_rates"]
+        print("GEMM GFLOP/s at M rows, layers: " + ", ".join(
+            f"{k}: {v:.0f}" for k, v in g["layers"].items()) + "; LM head: " + ", ".join(
+            f"{k}: {v:.0f}" for k, v in g["head"].items()))
     print(f"\nat {summary['config']['rows']} rows: " + ", ".join(
         f"{k} {v:.2f}" for k, v in summary["ratios"].items()))
     if summary["targets"]:

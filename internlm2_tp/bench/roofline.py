@@ -15,6 +15,11 @@ written and the context read by attention.
 Bound: time >= max(FLOPs / matmul peak, bytes / streaming-read bandwidth) for the whole run
 (an engine may overlap its compute-bound prefill with memory-bound decode steps, so summing
 per-step maxima would not be a bound). `bound_tokens_per_s` is output tokens over that time.
+
+GEMM ceiling: the same run's matmuls timed at their own shapes (`GemmRates`: the model's
+weights against M rows, M = the run's rows for decode steps and its LM head, M = the prefill
+budget for prompt tokens), with nothing else executed. Its time over the roofline's is the
+largest share of the roofline that any engine calling this machine's GEMM library can reach.
 """
 from __future__ import annotations
 
@@ -148,6 +153,53 @@ def stream_read_gbs(nbytes: int, reps: int = 8) -> float:
     engine)."""
     x = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
     return x.numel() * 4 / _best_s(lambda: x.sum(), reps) / 1e9
+
+
+@dataclass
+class GemmRates:
+    """GFLOP/s of the model's matmuls at M rows: all decoder-layer weights, and the LM head."""
+    layers: dict[int, float]
+    head: dict[int, float]
+
+
+def _gemm_rate(weights: list[torch.Tensor], m: int, reps: int) -> float:
+    """The better of F.linear and of oneDNN's packed weight (ops.pack_linear_weight, which
+    our engine uses), or for one vocab-sized weight of weight @ x^T (our bf16 LM head)."""
+    from internlm2_tp.ops import linear, pack_linear_weight
+
+    xs = [torch.randn(m, w.shape[1], dtype=w.dtype) for w in weights]
+    flops = sum(2.0 * m * w.numel() for w in weights)
+    ways = [lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, weights)]]
+    if len(weights) == 1:
+        ways.append(lambda: weights[0] @ xs[0].t())
+    packed = [pack_linear_weight(w) for w in weights]
+    if all(p is not None for p in packed):
+        ways.append(lambda: [linear(x, w, p) for x, w, p in zip(xs, weights, packed)])
+    return max(flops / _best_s(f, reps) / 1e9 for f in ways)
+
+
+def gemm_rates(shape: Shape, dtype: torch.dtype, decode_rows: Sequence[int], prefill_rows: int,
+               reps: int = 3) -> GemmRates:
+    h, d, f = shape.hidden, shape.head_dim, shape.intermediate
+    g = torch.Generator().manual_seed(0)
+    layer = [torch.randn(o, i, generator=g).to(dtype) for o, i in
+             (((shape.heads + 2 * shape.kv_heads) * d, h), (h, shape.heads * d), (2 * f, h),
+              (h, f))]
+    head = [torch.randn(shape.vocab, h, generator=g).to(dtype)]
+    return GemmRates({m: _gemm_rate(layer, m, reps) for m in (*decode_rows, prefill_rows)},
+                     {m: _gemm_rate(head, m, reps) for m in decode_rows})
+
+
+def gemm_seconds(work: RunWork, shape: Shape, rates: GemmRates, rows: int, new_tokens: int,
+                 prefill_rows: int) -> float:
+    """The run's matmuls alone at the rates measured for their shapes: each row's decode
+    tokens (new_tokens - 1) at M = rows, the other computed tokens (prompts) at M =
+    prefill_rows, the LM head's rows at M = rows."""
+    decode = min(work.tokens, rows * (new_tokens - 1))
+    per_token = 2.0 * shape.layers * shape.layer_weights
+    return (per_token * decode / rates.layers[rows] / 1e9
+            + per_token * (work.tokens - decode) / rates.layers[prefill_rows] / 1e9
+            + 2.0 * shape.vocab * shape.hidden * work.logit_rows / rates.head[rows] / 1e9)
 
 
 def measure_machine(dtype: torch.dtype, weight_bytes: int) -> Machine:

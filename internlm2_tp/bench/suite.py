@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from internlm2_tp.bench.common import make_prompts
-from internlm2_tp.bench.roofline import Machine, Shape, matmul_peak_gflops, stream_read_gbs
+from internlm2_tp.bench.roofline import (Machine, Shape, gemm_rates, matmul_peak_gflops,
+                                         stream_read_gbs)
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
@@ -129,4 +130,6 @@ def run_suite(cfg: Any) -> dict[str, Any]:
                 continue
             results[name] = merge_passes(results.get(name), res)
     machine.append(measure(dtype, shape.weight_bytes))
-    return {"machine": machine, "results": results, "shape": shape, "sets": sets}
+    prefill = base["engine"]["max_num_batched_tokens"]
+    return {"machine": machine, "results": results, "shape": shape, "sets": sets,
+            "gemm": gemm_rates(shape, dtype, concs, prefill), "prefill_rows": prefill}
