@@ -1,9 +1,10 @@
 """The compiled CPU decode-attention kernel: the same numbers as fp32 attention over each row's
 keys (fp32 to 1e-5, bf16 to its output rounding) for every head grouping, head size, block size
-and context the model meets; shapes it does not take go the plain way; the build is cached,
-atomic and optional."""
+and context the model meets; shapes it does not take go the plain way; the build (ops/cbuild.py)
+is cached, atomic and optional."""
 from __future__ import annotations
 
+import ctypes
 import logging
 from pathlib import Path
 
@@ -12,12 +13,14 @@ import torch
 
 from internlm2_tp.attention import AttentionMetadata, TorchAttention
 from internlm2_tp.attention import cpu_kernel
-from internlm2_tp.attention.cpu_kernel import DecodeKernel, build
+from internlm2_tp.attention.cpu_kernel import FLAGS, SOURCE, DecodeKernel
+from internlm2_tp.ops import cbuild
 
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> DecodeKernel:
-    return DecodeKernel(build(tmp_path_factory.mktemp("kernels")))
+    lib = cbuild.build(SOURCE, tmp_path_factory.mktemp("kernels"), FLAGS)
+    return DecodeKernel(ctypes.CDLL(str(lib)))
 
 
 def paged(ctx: list[int], kvh: int, d: int, bs: int, dtype: torch.dtype, seed: int = 0):
@@ -124,11 +127,13 @@ def test_shapes_past_the_kernels_limits_go_the_plain_way(kernel: DecodeKernel,
                                                                          4)
 
 
-def test_build_is_cached_and_keyed_by_the_source(tmp_path: Path) -> None:
-    lib = build(tmp_path)
+def test_build_is_cached_and_keyed_by_source_and_flags(tmp_path: Path) -> None:
+    lib = cbuild.build(SOURCE, tmp_path, FLAGS)
     stamp = lib.stat().st_mtime_ns
-    assert build(tmp_path) == lib and lib.stat().st_mtime_ns == stamp   # not rebuilt
+    assert cbuild.build(SOURCE, tmp_path, FLAGS) == lib and lib.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [lib.name]          # no temporary left
+    other = cbuild.build(SOURCE, tmp_path)                               # other flags: apart
+    assert other != lib and other.name.startswith("cpu_decode-")
 
 
 def test_no_compiler_or_switched_off_means_the_plain_path(
@@ -139,8 +144,8 @@ def test_no_compiler_or_switched_off_means_the_plain_path(
     monkeypatch.setenv("INTERNLM2TP_CPU_KERNELS", "1")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setattr(cbuild, "_loaded", {})
     with caplog.at_level(logging.WARNING):
         assert cpu_kernel.load() is None
-    assert "kernel unavailable, using the plain path" in caplog.text
+    assert "CPU kernel cpu_decode.c unavailable, using the plain path" in caplog.text
     assert "no-such-cc" in caplog.text

@@ -1,11 +1,8 @@
 /* Paged decode attention for CPU ranks: one query token per row, its keys and values read in
  * place from the block cache (no gather), fp32 online softmax, one pass over the context.
  *
- * Built by cpu_kernel.py with the system C compiler and loaded through ctypes: plain C, no
- * torch headers, so a build takes about a second. Threads: OpenMP over (row, KV head) items.
- * The library asks for libgomp.so.1 by soname, so in a process where torch has loaded its own
- * libgomp it runs on torch's thread pool (whose threads are still spinning from the last op)
- * instead of a second pool fighting it for the cores.
+ * Built and loaded by ops/cbuild.py (with -ffast-math: no infinities are used, the softmax
+ * starts from -1e30). Threads: OpenMP over (row, KV head) items.
  *
  * Layouts (all contiguous):
  *   q      [rows, heads, d]                    heads = kv_heads * group

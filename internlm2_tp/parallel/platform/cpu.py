@@ -42,6 +42,10 @@ class CpuPlatform(Platform):
     def prepare_process(self) -> None:
         keep_step_buffers_in_heap()
 
+    def ops(self) -> Any:
+        from internlm2_tp.ops.cpu import CpuOps
+        return CpuOps()
+
     def attention(self) -> Any:
         """The plain backend, with decode rows through the compiled CPU kernel when this
         machine can build it (attention/cpu_kernel.py)."""
