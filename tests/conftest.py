@@ -13,12 +13,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # (tests/test_cluster.py) build their environment without it, in a private HOME.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-# fp32 tests compare tp=N logits with tp=1 and with transformers at 1e-4. MKL (SDPA's fp32 GEMMs
-# on CPU) may sum in an order that depends on its operands' memory alignment, so a rank process
-# now and then lands 3-4e-4 away from its usual result (seen in about 1 of 5 fresh tp=2 runs,
-# over gloo as over shared memory; none in 12 with this). STRICT makes MKL's results independent
-# of alignment; every process the suite starts inherits it.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
 def real_tokenizer_path() -> Path | None:
