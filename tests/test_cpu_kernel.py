@@ -149,3 +149,18 @@ def test_no_compiler_or_switched_off_means_the_plain_path(
         assert cpu_kernel.load() is None
     assert "CPU kernel cpu_decode.c unavailable, using the plain path" in caplog.text
     assert "no-such-cc" in caplog.text
+
+
+def test_an_unwritable_cache_falls_back_to_the_temp_dir(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    """A cache folder that cannot be made (here a file stands in its way, which stops root as
+    well) still gets the kernel: it is built under the temp dir instead."""
+    import os
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.setattr(cbuild.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    lib = cbuild.build(SOURCE, extra=FLAGS)
+    assert lib.parent == tmp_path / "tmp" / f"internlm2_tp-kernels-{os.getuid()}"
+    assert lib.is_file()

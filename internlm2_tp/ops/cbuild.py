@@ -43,6 +43,18 @@ def _cpu_flags() -> str:
     return ""
 
 
+def _writable(d: Path) -> Path:
+    """d, or a per-user folder under the temp dir where d cannot be created or written (a
+    read-only home)."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if os.access(d, os.W_OK):
+            return d
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"internlm2_tp-kernels-{os.getuid()}"
+
+
 def build(source: Path, out_dir: Path | None = None, extra: tuple[str, ...] = ()) -> Path:
     """The shared library of `source` (compiled with CFLAGS and `extra`), built here unless a
     matching one exists."""
@@ -52,7 +64,7 @@ def build(source: Path, out_dir: Path | None = None, extra: tuple[str, ...] = ()
     src = source.read_bytes()
     flags = [*CFLAGS, *extra]
     key = hashlib.sha256(src + " ".join([cc, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
-    out_dir = out_dir or cache_dir()
+    out_dir = out_dir or _writable(cache_dir())
     lib = out_dir / f"{source.stem}-{key}.so"
     if lib.is_file():
         return lib
