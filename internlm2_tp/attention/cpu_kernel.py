@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from internlm2_tp.ops import cbuild
+from internlm2_tp.ops.cbuild import C_DTYPES
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 # Vectorizing the dot products and sums needs reassociation; the source uses no infinity.
 FLAGS = ("-ffast-math",)
-DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 
 
 class DecodeKernel:
@@ -34,7 +34,7 @@ class DecodeKernel:
         """The kernel's limits (cpu_decode.c): fp32 or bf16, head_dim a multiple of 16 up to
         256, up to 16 query heads per KV head, blocks of up to 256 keys."""
         _, bs, kvh, d = cache.shape
-        return (cache.device.type == "cpu" and cache.dtype in DTYPES and cache.is_contiguous()
+        return (cache.device.type == "cpu" and cache.dtype in C_DTYPES and cache.is_contiguous()
                 and d % 16 == 0 and d <= 256 and num_heads % kvh == 0
                 and num_heads // kvh <= 16 and bs <= 256)
 
@@ -47,7 +47,7 @@ class DecodeKernel:
         assert tables.dtype == ctx.dtype == torch.int64 and out.is_contiguous()
         rc = self.fn(q.data_ptr(), kv[0].data_ptr(), kv[1].data_ptr(), tables.data_ptr(),
                      ctx.data_ptr(), out.data_ptr(), rows, kvh, heads // kvh, d, bs,
-                     tables.shape[1], DTYPES[q.dtype], scale, torch.get_num_threads())
+                     tables.shape[1], C_DTYPES[q.dtype], scale, torch.get_num_threads())
         return rc == 0
 
 

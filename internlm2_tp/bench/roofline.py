@@ -51,10 +51,15 @@ class Shape:
                    dt.itemsize)
 
     @property
+    def layer_matrices(self) -> list[tuple[int, int]]:
+        """(out, in) of each matmul weight of one decoder layer: wqkv, wo, w1|w3, w2."""
+        h, d, f = self.hidden, self.head_dim, self.intermediate
+        return [((self.heads + 2 * self.kv_heads) * d, h), (h, self.heads * d), (2 * f, h), (h, f)]
+
+    @property
     def layer_weights(self) -> int:
-        """Matmul weights of one decoder layer: wqkv, wo, w1|w3, w2."""
-        h, d = self.hidden, self.head_dim
-        return (self.heads + 2 * self.kv_heads) * d * h + self.heads * d * h + 3 * h * self.intermediate
+        """Matmul weights of one decoder layer."""
+        return sum(o * i for o, i in self.layer_matrices)
 
     @property
     def weight_bytes(self) -> int:
@@ -180,12 +185,9 @@ def _gemm_rate(weights: list[torch.Tensor], m: int, reps: int) -> float:
 
 def gemm_rates(shape: Shape, dtype: torch.dtype, decode_rows: Sequence[int], prefill_rows: int,
                reps: int = 3) -> GemmRates:
-    h, d, f = shape.hidden, shape.head_dim, shape.intermediate
     g = torch.Generator().manual_seed(0)
-    layer = [torch.randn(o, i, generator=g).to(dtype) for o, i in
-             (((shape.heads + 2 * shape.kv_heads) * d, h), (h, shape.heads * d), (2 * f, h),
-              (h, f))]
-    head = [torch.randn(shape.vocab, h, generator=g).to(dtype)]
+    layer = [torch.randn(o, i, generator=g).to(dtype) for o, i in shape.layer_matrices]
+    head = [torch.randn(shape.vocab, shape.hidden, generator=g).to(dtype)]
     return GemmRates({m: _gemm_rate(layer, m, reps) for m in (*decode_rows, prefill_rows)},
                      {m: _gemm_rate(head, m, reps) for m in decode_rows})
 

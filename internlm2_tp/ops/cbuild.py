@@ -22,7 +22,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
+
+# The element types the kernels take, as their `bf16` argument codes.
+C_DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 
 CFLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fopenmp"]
 _loaded: dict[str, ctypes.CDLL | None] = {}

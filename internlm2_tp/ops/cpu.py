@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from internlm2_tp.ops import cbuild
+from internlm2_tp.ops.cbuild import C_DTYPES
 from internlm2_tp.ops.torch_ops import TorchOps, row_max
 
 SOURCE = Path(__file__).with_name("cpu_argmax.c")
-DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 
 
 class ColumnArgmax:
@@ -30,12 +30,12 @@ class ColumnArgmax:
         """(max, first index) of each row of x [B, V] when x is a column-major CPU view
         (stride (1, ld)) of fp32/bf16; None otherwise."""
         b, v = x.shape
-        if (x.device.type != "cpu" or x.dtype not in DTYPES or x.stride(0) != 1 or b < 1
+        if (x.device.type != "cpu" or x.dtype not in C_DTYPES or x.stride(0) != 1 or b < 1
                 or v < 1 or x.stride(1) < b):
             return None
         vals = torch.empty(b, dtype=torch.float32)
         idx = torch.empty(b, dtype=torch.long)
-        rc = self.fn(x.data_ptr(), v, b, x.stride(1), DTYPES[x.dtype], vals.data_ptr(),
+        rc = self.fn(x.data_ptr(), v, b, x.stride(1), C_DTYPES[x.dtype], vals.data_ptr(),
                      idx.data_ptr(), torch.get_num_threads())
         return (vals.to(x.dtype), idx) if rc == 0 else None
 

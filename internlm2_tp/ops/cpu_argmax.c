@@ -1,10 +1,10 @@
 /* Greedy sampling's reduction on CPU: the max and its first index along V of a column-major
  * [V, B] matrix (the LM head's product weight @ x^T), read once, in place.
  *
- * Built by ops/cbuild.py (IEEE math: -inf logits compare as they should). Threads (OpenMP) take ascending slices of V, each keeping a best
- * value and index per row; the slices are merged in order with a strict comparison, so the
- * index is the first occurrence, as torch's max(dim). NaN never compares greater: a NaN logit
- * is not picked (torch would return it).
+ * Built by ops/cbuild.py (IEEE math: -inf logits compare as they should). Threads (OpenMP)
+ * take ascending slices of V, each keeping a best value and index per row; the slices are
+ * merged in order with a strict comparison, so the index is the first occurrence, as torch's
+ * max(dim). NaN never compares greater: a NaN logit is not picked (torch would return it).
  */
 #include <omp.h>
 #include <stdint.h>

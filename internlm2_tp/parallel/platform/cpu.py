@@ -36,7 +36,9 @@ def keep_step_buffers_in_heap() -> bool:
 
 
 class CpuPlatform(Platform):
-    """Plain CPUs: the torch op set (matmul weights repacked for oneDNN), gloo."""
+    """Plain CPUs: the torch op set (matmul weights repacked for oneDNN) with the C kernels
+    (decode attention, greedy argmax) where they build, glibc's heap kept for step buffers,
+    gloo."""
     kind = "cpu"
 
     def prepare_process(self) -> None:
