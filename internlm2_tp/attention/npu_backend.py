@@ -151,7 +151,7 @@ class NpuAttention:
             for c in p.prefill:
                 out[c.t0:c.t1] = self._call(q, kv, meta, p, c, c.q, scale)
         elif meta.num_decodes < meta.num_seqs:
-            self.fallback.prefill(q, kv, meta, p.fallback, scale, out)
+            self.fallback.prefill(q, kv, meta, p.fallback, scale, out, k, v)
         return out
 
     def _call(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
