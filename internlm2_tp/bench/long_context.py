@@ -9,9 +9,9 @@ of L tokens and two short ones (100, 300), greedy, NEW tokens each.
 - job: `python jobs/batch_infer.py` as a process at parallel.tp=tp on a local Ray cluster of
   its own (the engine's defaults: 2048-token steps, so the long prompt is prefilled in chunks
   continuing cached keys). Wall = process start to exit (Ray start, load and Parquet included);
-  run = the manifest's wall_s; engine = the group's busy_s (its engine steps alone). Peak RSS = the largest
-  sum, sampled every 0.2 s, of the RSS of the job's process tree (driver, Ray's processes, the
-  rank actors).
+  run = the manifest's wall_s; engine = the group's busy_s (its engine steps alone). Peak
+  RSS = the largest sum, sampled every 0.2 s, of the RSS of the job's process tree (driver,
+  Ray's processes, the rank actors).
 - reference: one fresh process, tp 1, torch's threads = the machine's cores: each prompt
   prefilled in one step (one SDPA is_causal call per layer over the whole prompt), then
   decoded; wall from process start to exit, compute = the generate calls alone. Its tokens
