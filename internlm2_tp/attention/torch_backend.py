@@ -146,10 +146,8 @@ class TorchAttention:
             plan.decode.append(DecodeChunk(r0, r1, top, step))
             r0 = r1
         self._decode_inputs(meta, plan, bs)
-        self._plan_prefill(meta, plan, budget, kvh * d * 2 * its, cache.device)
         tile = max(bs, budget // (kvh * d * (2 * its + 2 * 4)) // bs * bs)   # k, v, fp32 copies
-        for c in plan.cont:
-            c.tile = tile
+        self._plan_prefill(meta, plan, budget, kvh * d * 2 * its, tile, cache.device)
         return plan
 
     @staticmethod
@@ -163,14 +161,15 @@ class TorchAttention:
                 c.mask = (keys[None, :] < meta.context_lens[c.r0:c.r1, None])[:, None, None, :]
 
     def _plan_prefill(self, meta: AttentionMetadata, plan: TorchPlan, budget: int,
-                      per_key: int, device: torch.device) -> None:
-        """Each sequence continuing cached keys alone; runs of fresh prompts in groups."""
+                      per_key: int, tile: int, device: torch.device) -> None:
+        """Each sequence continuing cached keys alone (its prefix in tiles of `tile` keys);
+        runs of fresh prompts in groups under the budget."""
         nd, b = meta.num_decodes, meta.num_seqs
         ql, cl = meta.query_lens_host, meta.context_lens_host
         s0, t0 = nd, sum(ql[:nd])
         while s0 < b:
             if ql[s0] < cl[s0]:
-                plan.cont.append(Continuation(s0, t0, t0 + ql[s0], cl[s0] - ql[s0], 0))
+                plan.cont.append(Continuation(s0, t0, t0 + ql[s0], cl[s0] - ql[s0], tile))
                 s0, t0 = s0 + 1, t0 + ql[s0]
                 continue
             s1, top = s0 + 1, cl[s0]
