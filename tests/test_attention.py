@@ -1,15 +1,19 @@
 """The plain attention backend over the paged cache: every way it cuts a step (row chunks, key
-chunks with an online softmax, prefill groups, fresh prompts through is_causal) gives what a
-naive per-sequence attention gives, and its pieces stay within the documented budget."""
+chunks with an online softmax, prefill groups, fresh prompts through is_causal, continuations
+over prefix tiles merged by log-sum-exp) gives what a naive per-sequence attention gives, and
+its pieces stay within the documented budget."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from _npu_ranks import STEPS, attention_step
+from _npu_ranks import BLOCK, STEPS, attention_step, rnd
 from internlm2_tp.attention import AttentionMetadata, TorchAttention
+from internlm2_tp.attention import torch_backend
 
-STEPS_MORE = dict(STEPS, long=[(700, 1), (5, 1), (300, 40), (0, 260)])
+STEPS_MORE = dict(STEPS, long=[(700, 1), (5, 1), (300, 40), (0, 260)],
+                  long_prefixes=[(1500, 1), (0, 50), (2100, 130), (0, 3), (901, 64), (127, 2)])
 
 
 def naive(meta: AttentionMetadata, qkv: list[torch.Tensor], cache: list[torch.Tensor],
@@ -61,3 +65,63 @@ def test_decode_pieces_stay_within_the_budget() -> None:
     per_key = 4 * 128 * (2 * 2 + 2 * 4) + 2 * 24 * 4
     assert sum(c.r1 - c.r0 for c in plan.decode) == rows
     assert max((c.r1 - c.r0) * c.keys * per_key for c in plan.decode) <= layer_kv / 20
+
+
+def test_chunked_prefill_over_a_long_prefix_matches_one_causal_pass(monkeypatch) -> None:
+    """A 3000-token prompt prefilled in chunks of 384 (each step continuing the cached keys of
+    the ones before, its prefix read in tiles of 256 keys) = one SDPA is_causal pass over the
+    whole prompt; no kernel call sees more keys than a tile or a chunk."""
+    n, chunk, kvh, h, d = 3000, 384, 2, 4, 128
+    q, k, v = rnd(n, h, d, seed=1), rnd(n, kvh, d, seed=2), rnd(n, kvh, d, seed=3)
+    want = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                          is_causal=True, scale=0.1, enable_gqa=True)
+    want = want.transpose(0, 1).reshape(n, h * d)
+    table = torch.randperm(24, generator=torch.Generator().manual_seed(0)).tolist()
+    cache = (torch.zeros(24, BLOCK, kvh, d), torch.zeros(24, BLOCK, kvh, d))
+    keys_seen: list[int] = []
+    real = torch_backend.attend
+
+    def spy(q_, k_, v_, causal, scale):
+        keys_seen.append(k_.shape[2])
+        return real(q_, k_, v_, causal, scale)
+
+    monkeypatch.setattr(torch_backend, "attend", spy)
+    budget = 256 * kvh * d * (2 * 4 + 2 * 4)     # one 256-key tile of k, v and fp32 copies
+    backend = TorchAttention(min_chunk_bytes=budget, chunk_fraction=0)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        meta = AttentionMetadata.build(
+            positions=list(range(c0, c1)), rope_lengths=[n] * (c1 - c0),
+            slots=[table[p // BLOCK] * BLOCK + p % BLOCK for p in range(c0, c1)],
+            block_tables=[table], context_lens=[c1], query_lens=[c1 - c0], logits_indices=None,
+            device=torch.device("cpu"), num_decodes=0)
+        backend.prepare(meta, cache[0], h)
+        if c0:
+            assert not meta.plan.prefill and [c.cached for c in meta.plan.cont] == [c0]
+            assert meta.plan.cont[0].tile == 256
+        out = backend.forward(q[c0:c1], k[c0:c1], v[c0:c1], cache, meta, 0.1)
+        torch.testing.assert_close(out, want[c0:c1], rtol=1e-5, atol=1e-5)
+    assert max(keys_seen) == chunk and keys_seen.count(256) > 20
+
+
+@pytest.mark.slow   # a fresh process (scripts/attention_memory.py), its peak RSS watermark
+def test_a_chunk_after_200k_cached_keys_stays_within_its_memory_bound() -> None:
+    """The issue's case: the test model's share at tp 2 (8 q / 4 KV heads of 16, fp32), a
+    chunk continuing 200,000 cached keys, one layer (256 tokens, to keep it quick: the bound
+    is one tile of the prefix, 32 MiB of budget, plus about 4 x chunk x 8 x 16 x 4 B; the
+    former mask path took 342 MiB here, 2 GiB for a 2048-token chunk)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "attention_memory.py"), "--child", "--rows=1",
+         "--context=200000", "--chunk=256", "--heads=8", "--kv-heads=4", "--head-dim=16",
+         "--dtype=float32"], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak = json.loads(r.stdout.strip().splitlines()[-1])["peak_extra"]
+    assert peak <= (32 + 4 + 8) << 20, f"{peak / 2**20:.1f} MiB"   # 8 MiB allocator slack

@@ -8,15 +8,22 @@ serves both phases: a query of S = 1 takes its incremental branch, S > 1 its pro
 - Cache: ours, [num_blocks, block_size, KVH, d], viewed for free as (blocknum, blocksize,
   H = KVH*d), the page-attention layout FIA takes with a BSH query.
 - Decodes: query BSH [nd, 1, H*d]; block_table int32 [nd, >= blocks of the longest row];
-  actual_seq_lengths_kv a host list (keys per row); block_size a multiple of 16.
+  actual_seq_lengths_kv a host list (keys per row); block_size a multiple of 16, non-zero and
+  at most 512 (stated from op-plugin 7.2.0; held for every version). At most S = 262144 keys
+  per row: a longer row is read in key ranges of at most that many, one call each with
+  softmax_lse_flag=True (the page's softmaxLse, (B, N, 1, 1) fp32), merged exactly by
+  log-sum-exp (attention/lse.py).
 - Prefills: query BSH [b, Q, H*d], rows padded to the longest; actual_seq_lengths (new tokens)
   and actual_seq_lengths_kv (visible keys) host lists per row; sparse_mode=3 (rightDownCausal:
   query i of a row with n new and c visible keys sees keys <= c - n + i) with the 2048 x 2048
   mask, 1 = masked above the diagonal; block_size a multiple of 128 in [128, 512]; d % 16 == 0.
-- Both: fp16/bf16; N <= 256; N/KVH an integer <= 64; d <= 512; KVH*d <= 65535; each cache
+- Both: fp16/bf16; N <= 256; N/KVH an integer <= 64; d <= 512; N*d < 65535 (a BSH query's H);
+  KVH*d <= 65535; each cache
   under 2^31 elements; B <= 65536; the cache holds at least the sum of the call's rows'
   blocks, which shared prefix blocks can break, so rows are split into calls that keep it.
-A phase outside these runs the plain path (TorchAttention) for that step. The decision depends
+A phase outside these runs the plain path (TorchAttention) for that step, with one warning per
+reason (an engine.block_size of 1024 takes the plain path for decodes, with one warning, rather
+than being refused: prefill has the same plain path). The decision depends
 only on the step's host-side shapes and the config, so it is the same on every rank; prepare()
 builds everything from host lists, so no step reads a device value back.
 """
@@ -28,12 +35,16 @@ from typing import Any
 
 import torch
 
+from internlm2_tp.attention.lse import merge
 from internlm2_tp.attention.metadata import AttentionMetadata, ToDevice, plain_to_device
 from internlm2_tp.attention.torch_backend import TorchAttention, TorchPlan, write_kv
 
 log = logging.getLogger(__name__)
 MASK_SIZE = 2048          # sparse_mode 2/3/4 take this compressed mask (FIA doc)
 PAD_TOKENS = 2048         # a prefill call pads at most max(this, 2 x its tokens) query rows
+DECODE_MAX_KEYS = 262144  # FIA doc, query S = 1: S (keys per row) <= 262144
+DECODE_MAX_BLOCK = 512    # FIA doc, query S = 1 with page attention: block_size <= 512 (7.2.0)
+BSH_MAX_H = 65535         # FIA doc: a BSH query's N * D < 65535
 
 
 @dataclass
@@ -47,10 +58,19 @@ class Call:
 
 
 @dataclass
+class SplitRow:
+    """A decode row with more keys than one call takes: key ranges [j0, j0 + m), one call each."""
+    r: int
+    lens: list[int]                           # m of each range
+    tables: list[torch.Tensor]                # [1, ceil(m / block_size)] int32 of each range
+
+
+@dataclass
 class NpuPlan:
     tables: torch.Tensor                      # [B, max_blocks] int32
     decode: list[Call] | None                 # None: the plain path takes the decodes
     prefill: list[Call] | None
+    split: list[SplitRow] = field(default_factory=list)   # decode rows over DECODE_MAX_KEYS
     fallback: TorchPlan | None = None
     why: list[str] = field(default_factory=list)
 
@@ -61,12 +81,13 @@ def unsupported(phase: str, dtype: torch.dtype, heads: int, cache: torch.Tensor,
     _, bs, kvh, d = cache.shape
     if dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {dtype} (FIA takes float16 / bfloat16)"
-    if heads > 256 or heads % kvh or heads // kvh > 64 or d > 512 or kvh * d > 65535:
+    if heads > 256 or heads % kvh or heads // kvh > 64 or d > 512 or kvh * d > 65535 \
+            or heads * d >= BSH_MAX_H:
         return f"{heads} heads over {kvh} KV heads of dim {d}"
     if cache.numel() >= 2**31 or rows > 65536:
         return "a cache of 2^31 elements or a batch over 65536 rows"
-    if phase == "decode" and bs % 16:
-        return f"block_size {bs} (decode: a multiple of 16)"
+    if phase == "decode" and (bs % 16 or not 0 < bs <= DECODE_MAX_BLOCK):
+        return f"block_size {bs} (decode: a multiple of 16 up to {DECODE_MAX_BLOCK})"
     if phase == "prefill" and (bs % 128 or not 128 <= bs <= 512 or d % 16):
         return f"block_size {bs}, head_dim {d} (prefill: block 128..512 by 128, d % 16 == 0)"
     return None
@@ -75,8 +96,9 @@ def unsupported(phase: str, dtype: torch.dtype, heads: int, cache: torch.Tensor,
 class NpuAttention:
     name = "npu"
 
-    def __init__(self, torch_npu: Any, to_device: ToDevice = plain_to_device):
-        self.npu, self.to_device = torch_npu, to_device
+    def __init__(self, torch_npu: Any, to_device: ToDevice = plain_to_device,
+                 decode_max_keys: int = DECODE_MAX_KEYS):
+        self.npu, self.to_device, self.max_keys = torch_npu, to_device, decode_max_keys
         self.fallback = TorchAttention(to_device)
         self._masks: dict[torch.device, torch.Tensor] = {}
         self._warned: set[str] = set()
@@ -93,11 +115,10 @@ class NpuAttention:
             if why is not None:
                 plan.why.append(f"{phase}: {why}")
                 continue
-            calls = self._calls(meta, lo, hi, blocks, cache.shape[0], cache.device)
             if phase == "decode":
-                plan.decode = calls
+                plan.decode = self._decode_calls(meta, plan, blocks, cache)
             else:
-                plan.prefill = calls
+                plan.prefill = self._calls(meta, lo, hi, blocks, cache.shape[0], cache.device)
         if plan.why:
             plan.fallback = self.fallback.plan(meta, cache, num_heads)
             for w in plan.why:
@@ -125,6 +146,27 @@ class NpuAttention:
             s0, t0 = s1, t0 + n
         return calls
 
+    def _decode_calls(self, meta: AttentionMetadata, plan: NpuPlan, blocks: list[int],
+                      cache: torch.Tensor) -> list[Call]:
+        """Runs of decode rows within the key limit as calls; each longer row as a SplitRow."""
+        ctx, bs = meta.context_lens_host, cache.shape[1]
+        step = max(bs, self.max_keys // bs * bs)   # whole blocks; bs <= 512 < the real limit
+        calls, r = [], 0
+        while r < meta.num_decodes:
+            if ctx[r] > self.max_keys:
+                starts = range(0, ctx[r], step)
+                plan.split.append(SplitRow(r, [min(step, ctx[r] - j0) for j0 in starts], [
+                    plan.tables[r:r + 1, j0 // bs:-(-min(ctx[r], j0 + step) // bs)].contiguous()
+                    for j0 in starts]))
+                r += 1
+                continue
+            e = r + 1
+            while e < meta.num_decodes and ctx[e] <= self.max_keys:
+                e += 1
+            calls += self._calls(meta, r, e, blocks, cache.shape[0], cache.device)
+            r = e
+        return calls
+
     def causal_mask(self, device: torch.device) -> torch.Tensor:
         """The compressed mask sparse_mode=3 takes: True (masked) above the diagonal."""
         m = self._masks.get(device)
@@ -145,13 +187,15 @@ class NpuAttention:
         if p.decode is not None:
             for c in p.decode:
                 out[c.t0:c.t1] = self._call(q, kv, meta, p, c, 1, scale)
+            for row in p.split:
+                out[row.r] = self._split_decode(q[row.r:row.r + 1], kv, row, scale)
         elif meta.num_decodes:
             self.fallback.decode(q, kv, meta, p.fallback, scale, out)
         if p.prefill is not None:
             for c in p.prefill:
                 out[c.t0:c.t1] = self._call(q, kv, meta, p, c, c.q, scale)
         elif meta.num_decodes < meta.num_seqs:
-            self.fallback.prefill(q, kv, meta, p.fallback, scale, out)
+            self.fallback.prefill(q, kv, meta, p.fallback, scale, out, k, v)
         return out
 
     def _call(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
@@ -179,3 +223,20 @@ class NpuAttention:
             input_layout="BSH", block_size=bs, **kw)
         o = o.view(b * s, h * d)
         return o if c.dest is None else o[c.dest]
+
+    def _split_decode(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                      row: SplitRow, scale: float) -> torch.Tensor:
+        """q [1, H, d] of one decode row -> [H*d]: one call per key range, each returning its
+        softmax LSE [1, N, 1, 1], merged in fp32."""
+        h, d = q.shape[1:]
+        nb, bs, kvh, _ = kv[0].shape
+        acc = total = None
+        for m, table in zip(row.lens, row.tables):
+            o, lse = self.npu.npu_fused_infer_attention_score(
+                q.reshape(1, 1, h * d), kv[0].view(nb, bs, kvh * d), kv[1].view(nb, bs, kvh * d),
+                actual_seq_lengths_kv=[m], block_table=table, num_heads=h,
+                num_key_value_heads=kvh, scale=scale, input_layout="BSH", block_size=bs,
+                softmax_lse_flag=True)
+            o, lse = o.view(h, d).float(), lse.view(h)
+            acc, total = (o, lse) if acc is None else merge(acc, total, o, lse)
+        return acc.reshape(h * d).to(q.dtype)

@@ -6,13 +6,20 @@ paged KV cache [num_blocks, block_size, kv_heads, head_dim], with a bounded work
 
 Peak extra memory: a step's work is cut into pieces whose gathered keys/values (and their fp32
 copies) stay under budget = max(MIN_CHUNK_BYTES, CHUNK_FRACTION x the step's KV bytes in one
-layer). Decode rows go in row chunks: each chunk's blocks are gathered whole (one index_select
-of contiguous blocks) and the chunk runs one fused SDPA call with a row's query heads of one KV
-group as its query length (no GQA expansion) and a padding mask; both the block ids and the
-mask are built once per step in prepare(), not per layer. A row whose context alone exceeds the
-budget is read in key chunks with an online softmax. Prefill sequences are grouped under the
-same budget; a group of fresh prompts runs SDPA with is_causal and enable_gqa (no mask, so
-fused SDPA kernels can take it), a group continuing cached keys an explicit causal mask.
+layer); pieces run one after another. Decode rows go in row chunks: each chunk's blocks are
+gathered whole (one index_select of contiguous blocks) and the chunk runs one fused SDPA call
+with a row's query heads of one KV group as its query length (no GQA expansion) and a padding
+mask; both the block ids and the mask are built once per step in prepare(), not per layer. A
+row whose context alone exceeds the budget is read in key chunks with an online softmax.
+
+Prefill: fresh prompts are grouped under the same budget and run SDPA with is_causal and
+enable_gqa (no mask, so the fused kernels take it). A sequence continuing cached keys (every
+chunk of a long prompt after its first, prefix-cache hits) runs alone and builds no mask: its
+n new queries attend causally to their own n keys (taken from this step's k/v, not the cache)
+and, without a mask, to the cached prefix read in tiles of at most budget bytes; the pieces,
+each from a fused kernel that returns its log-sum-exp (lse.py), merge exactly. Its extra memory
+is one tile's keys/values (<= budget) plus about 4 x n x H x d x 4 bytes (the folded query,
+the tile's output, the fp32 accumulator and a merge temporary), whatever the prefix length.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from internlm2_tp.attention.lse import attend, merge
 from internlm2_tp.attention.metadata import AttentionMetadata, ToDevice, plain_to_device
 
 MIN_CHUNK_BYTES = 32 << 20
@@ -40,21 +48,32 @@ class DecodeChunk:
 
 @dataclass
 class PrefillGroup:
+    """Fresh prompts (no cached keys: query i sees keys <= i), run together."""
     s0: int               # sequences [s0, s1) of the step, tokens [t0, t1) of T
     s1: int
     t0: int
     t1: int
     q: int                # longest query, longest context in the group
     k: int
-    fresh: bool           # no cached keys: query i sees keys <= i
     tok_seq: torch.Tensor | None = None   # [t1 - t0] group row of each token (None: one row)
     tok_pos: torch.Tensor | None = None   # [t1 - t0] its position among the row's queries
+
+
+@dataclass
+class Continuation:
+    """One sequence whose t1 - t0 new tokens (tokens [t0, t1) of T) follow `cached` keys."""
+    s: int
+    t0: int
+    t1: int
+    cached: int
+    tile: int             # cached keys per kernel call: a multiple of the block size
 
 
 @dataclass
 class TorchPlan:
     decode: list[DecodeChunk] = field(default_factory=list)
     prefill: list[PrefillGroup] = field(default_factory=list)
+    cont: list[Continuation] = field(default_factory=list)
     kernel: bool = False  # decode rows go through the CPU kernel (no chunks)
 
 
@@ -104,7 +123,7 @@ class TorchAttention:
                 out[:nd], scale):
             raise RuntimeError("the CPU decode kernel refused shapes it accepted at prepare()")
         self.decode(q, kv, meta, meta.plan, scale, out)
-        self.prefill(q, kv, meta, meta.plan, scale, out)
+        self.prefill(q, kv, meta, meta.plan, scale, out, k, v)
         return out
 
     # -- planning (host only) ---------------------------------------------------------------------
@@ -127,7 +146,8 @@ class TorchAttention:
             plan.decode.append(DecodeChunk(r0, r1, top, step))
             r0 = r1
         self._decode_inputs(meta, plan, bs)
-        self._plan_prefill(meta, plan, budget, kvh * d * 2 * its, cache.device)
+        tile = max(bs, budget // (kvh * d * (2 * its + 2 * 4)) // bs * bs)   # k, v, fp32 copies
+        self._plan_prefill(meta, plan, budget, kvh * d * 2 * its, tile, cache.device)
         return plan
 
     @staticmethod
@@ -141,17 +161,23 @@ class TorchAttention:
                 c.mask = (keys[None, :] < meta.context_lens[c.r0:c.r1, None])[:, None, None, :]
 
     def _plan_prefill(self, meta: AttentionMetadata, plan: TorchPlan, budget: int,
-                      per_key: int, device: torch.device) -> None:
+                      per_key: int, tile: int, device: torch.device) -> None:
+        """Each sequence continuing cached keys alone (its prefix in tiles of `tile` keys);
+        runs of fresh prompts in groups under the budget."""
         nd, b = meta.num_decodes, meta.num_seqs
         ql, cl = meta.query_lens_host, meta.context_lens_host
-        s0, t0 = nd, nd
+        s0, t0 = nd, sum(ql[:nd])
         while s0 < b:
+            if ql[s0] < cl[s0]:
+                plan.cont.append(Continuation(s0, t0, t0 + ql[s0], cl[s0] - ql[s0], tile))
+                s0, t0 = s0 + 1, t0 + ql[s0]
+                continue
             s1, top = s0 + 1, cl[s0]
-            while s1 < b and (s1 + 1 - s0) * max(top, cl[s1]) * per_key <= budget:
+            while s1 < b and ql[s1] == cl[s1] and \
+                    (s1 + 1 - s0) * max(top, cl[s1]) * per_key <= budget:
                 top, s1 = max(top, cl[s1]), s1 + 1
             n = sum(ql[s0:s1])
-            g = PrefillGroup(s0, s1, t0, t0 + n, max(ql[s0:s1]), top,
-                             all(ql[i] == cl[i] for i in range(s0, s1)))
+            g = PrefillGroup(s0, s1, t0, t0 + n, max(ql[s0:s1]), top)
             if s1 - s0 > 1:
                 seq = [i for i in range(s1 - s0) for _ in range(ql[s0 + i])]
                 pos = [p for i in range(s0, s1) for p in range(ql[i])]
@@ -201,8 +227,10 @@ class TorchAttention:
 
     # -- prefill: several new tokens per sequence -------------------------------------------------
     def prefill(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata, plan: TorchPlan, scale: float, out: torch.Tensor) -> None:
-        """Tokens of the prefilling sequences -> their out rows, group by group."""
+                meta: AttentionMetadata, plan: TorchPlan, scale: float, out: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor) -> None:
+        """Tokens of the prefilling sequences -> their out rows: fresh groups, then each
+        continuation. k/v [T, KVH, d] are this step's keys/values (already in the cache)."""
         h, hd = q.shape[1:]
         for g in plan.prefill:
             b = g.s1 - g.s0
@@ -214,19 +242,30 @@ class TorchAttention:
                 qp[g.tok_seq, g.tok_pos] = q[g.t0:g.t1]
             keys = gather_kv(kv[0], tables, 0, g.k)                              # [B, KVH, K, d]
             values = gather_kv(kv[1], tables, 0, g.k)
-            mask = None if g.fresh else self._mask(meta, g, q.device)
-            o = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, values, attn_mask=mask,
-                                               is_causal=g.fresh, scale=scale,
-                                               enable_gqa=True).transpose(1, 2)  # [B, Q, H, d]
-            o = o[0] if g.tok_seq is None else o[g.tok_seq, g.tok_pos]
+            o = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, values, is_causal=True,
+                                               scale=scale, enable_gqa=True).transpose(1, 2)
+            o = o[0] if g.tok_seq is None else o[g.tok_seq, g.tok_pos]           # [B, Q, H, d]
             out[g.t0:g.t1] = o.reshape(g.t1 - g.t0, h * hd)
+        for c in plan.cont:
+            out[c.t0:c.t1] = self._continue(q[c.t0:c.t1], k[c.t0:c.t1], v[c.t0:c.t1], kv,
+                                            meta.block_tables[c.s:c.s + 1], c, scale)
 
     @staticmethod
-    def _mask(meta: AttentionMetadata, g: PrefillGroup, device: torch.device) -> torch.Tensor:
-        """[B, 1, Q, K] True where query i of a sequence with n new and c visible keys may see
-        key j: j <= c - n + i and j < c. Padded queries see key 0 only (discarded, no NaN)."""
-        ql, cl = meta.query_lens[g.s0:g.s1], meta.context_lens[g.s0:g.s1]
-        qi = torch.arange(g.q, device=device)[None, :, None]                     # [1, Q, 1]
-        kj = torch.arange(g.k, device=device)[None, None, :]                     # [1, 1, K]
-        mask = (kj <= (cl - ql)[:, None, None] + qi) & (kj < cl[:, None, None])
-        return (mask | ((qi >= ql[:, None, None]) & (kj == 0)))[:, None]
+    def _continue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  kv: tuple[torch.Tensor, torch.Tensor], table: torch.Tensor, c: Continuation,
+                  scale: float) -> torch.Tensor:
+        """q [n, H, d] after c.cached keys, k/v [n, KVH, d] its own -> [n, H*d]. The new keys
+        causally, then each tile of the prefix (all visible: no mask), merged by lse."""
+        n, h, d = q.shape
+        kvh = k.shape[1]
+        acc, total = attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                            v.transpose(0, 1)[None], True, scale)     # [1, H, n, d], [1, H, n]
+        acc = acc.float()
+        # a KV head's g query heads as one query of g*n rows: the prefix needs no GQA repeat
+        qf = q.view(n, kvh, h // kvh, d).permute(1, 2, 0, 3).reshape(1, kvh, -1, d)
+        for j0 in range(0, c.cached, c.tile):
+            m = min(c.tile, c.cached - j0)
+            o, lse = attend(qf, gather_kv(kv[0], table, j0, m), gather_kv(kv[1], table, j0, m),
+                            False, scale)                            # [1, KVH, g*n, (d)]
+            acc, total = merge(acc, total, o.reshape(1, h, n, d), lse.reshape(1, h, n))
+        return acc[0].transpose(0, 1).reshape(n, h * d).to(q.dtype)

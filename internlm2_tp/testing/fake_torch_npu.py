@@ -23,6 +23,12 @@ import torch.nn.functional as F
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 DOC = "Ascend/op-plugin docs/context/torch_npu-{}.md"
+# FIA page, "Q_S == 1" (decode branch): S (keys per row) <= 262144 (7.1.0 on); with page
+# attention block_size non-zero and <= 512 (stated from 7.2.0; the strictest holds here).
+FIA_DECODE_MAX_KEYS = 262144
+FIA_DECODE_MAX_BLOCK = 512
+# FIA page: with a BSH/BSND query, N * D < 65535 (H is one hardware-instruction field).
+FIA_BSH_MAX_H = 65535
 
 
 class NpuContractError(RuntimeError):
@@ -146,7 +152,7 @@ class FakeTorchNpu:
         op = "npu_fused_infer_attention_score"
         self.calls[op] += 1
         used = sorted(k for k, v in others.items() if v is not None)
-        if used or input_layout != "BSH" or block_table is None or softmax_lse_flag:
+        if used or input_layout != "BSH" or block_table is None:
             raise NotImplementedError(f"stand-in: BSH with page attention only (got "
                                       f"{input_layout}, {used or ''})")
         b, s, h, kvh, lens = self._fia_check(query, key, value, block_table, num_heads,
@@ -158,6 +164,7 @@ class FakeTorchNpu:
                                            sparse_mode, block_size, lens)
         d, bs = h // num_heads, block_size
         out = torch.full((b, s, h), float("nan"), dtype=query.dtype)   # padding stays NaN
+        lse = torch.full((b, num_heads, s, 1), float("nan"))           # the page's (B, N, S, 1)
         for i in range(b):
             n, kv_len = qlens[i], lens[i]
             blocks = block_table[i, :-(-kv_len // bs)].long()
@@ -171,7 +178,9 @@ class FakeTorchNpu:
                 sc = sc.masked_fill(~seen, float("-inf"))
             o = torch.einsum("hqk,khd->qhd", sc.softmax(-1), vv)
             out[i, :n] = o.reshape(n, h).to(query.dtype)
-        return out, torch.zeros(1)
+            lse[i, :, :n, 0] = torch.logsumexp(sc, -1)
+        # softmax_lse_flag=False: the page's [1] tensor of 0
+        return out, (lse if softmax_lse_flag else torch.zeros(1))
 
     @staticmethod
     def _fia_check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -192,6 +201,8 @@ class FakeTorchNpu:
         _require(num_heads % kvh == 0 and num_heads // kvh <= 64, op,
                  f"num_heads {num_heads} / num_key_value_heads {kvh}: an integer <= 64")
         _require(b <= 65536 and num_heads <= 256 and d <= 512, op, f"B {b}, N {num_heads}, D {d}")
+        _require(h < FIA_BSH_MAX_H, op, f"BSH query: N*D = {num_heads}*{d} = {h} must be < "
+                 f"{FIA_BSH_MAX_H}")
         _require(key.dim() == 3 and key.shape == value.shape, op,
                  f"page attention with a BSH query takes caches (blocknum, blocksize, H); got "
                  f"{tuple(key.shape)}, {tuple(value.shape)}")
@@ -212,7 +223,13 @@ class FakeTorchNpu:
         used = torch.cat([table[i, :need[i]] for i in range(b)]) if b else table[:0, 0]
         _require(bool(((used >= 0) & (used < nb)).all()), op, "block id outside the cache")
         if s == 1:
-            _require(block_size % 16 == 0, op, f"block_size {block_size} (fp16/bf16: % 16)")
+            _require(0 < block_size <= FIA_DECODE_MAX_BLOCK and block_size % 16 == 0, op,
+                     f"block_size {block_size}: query S = 1 with page attention takes a "
+                     f"multiple of 16 (fp16/bf16), non-zero and <= {FIA_DECODE_MAX_BLOCK} "
+                     f"(op-plugin 7.2.0 on)")
+            _require(max(lens, default=0) <= FIA_DECODE_MAX_KEYS, op,
+                     f"actual_seq_lengths_kv up to {max(lens)}: query S = 1 takes S <= "
+                     f"{FIA_DECODE_MAX_KEYS} keys per row")
         return b, s, h, kvh, lens
 
     @staticmethod
