@@ -48,9 +48,10 @@ log = logging.getLogger(__name__)
 
 
 def fingerprint(cfg: JobConfig, mcfg: ModelConfig, tok: Tokenizer | None = None,
-                optional: tuple[str, ...] = ()) -> dict:
+                optional: tuple[str, ...] = (), lora_sha256: str | None = None) -> dict:
     """What makes two runs' outputs comparable; a resumed run must match it (`optional`: the
-    output's optional columns, so every shard of a directory has one schema)."""
+    output's optional columns, so every shard of a directory has one schema; `lora_sha256`:
+    model.lora's adapter, its files' hash)."""
     cfg_sha = hashlib.sha256(Path(mcfg.source).read_bytes()).hexdigest()
     d = cfg.data
     data = {"input": storage.canonical(d.input), "id_column": d.id_column,
@@ -67,6 +68,8 @@ def fingerprint(cfg: JobConfig, mcfg: ModelConfig, tok: Tokenizer | None = None,
              "dtype": cfg.model.dtype}
     if cfg.model.task != "auto":
         model["task"] = cfg.model.task
+    if cfg.model.lora:
+        model["lora"] = {"path": str(Path(cfg.model.lora).resolve()), "sha256": lora_sha256}
     fp = {"model": model,
           "generation": _generation_fingerprint(cfg), "data": data}
     if optional:
@@ -94,16 +97,7 @@ class Job:
                                  "or glob; a local path or URI)")
         if not d.output:
             raise JobConfigError("data.output is required (a directory or object-store prefix)")
-        self.mcfg = with_task(ModelConfig.from_dir(cfg.model.path), cfg.model.task)
-        self.reward_token = self.mcfg.reward_token_id if self.mcfg.task == "reward" else None
-        if self.reward_token is not None:
-            check_reward_generation(cfg.generation)
-        check_tp(self.mcfg, cfg.parallel.tp)
-        check_checkpoint(cfg.model.path, self.mcfg)   # a dry load: names the file and tensor
-        self.tok = Tokenizer.from_dir(cfg.model.path, d.chat_template)   # compiles the template
-        if self.tok.vocab_size > self.mcfg.vocab_size:
-            raise CheckpointError(f"{cfg.model.path}: tokenizer.model has {self.tok.vocab_size} "
-                                  f"pieces but config.json vocab_size is {self.mcfg.vocab_size}")
+        lora_sha = self._check_model()
         try:
             self.columns = InputColumns(d.id_column, d.prompt_column, d.messages_column,
                                         d.token_ids_column)
@@ -130,13 +124,36 @@ class Job:
                                          self.plan.override_columns,
                                          reward=self.reward_token is not None)
         samples = "sample_index" in self.optional
-        done = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg, self.tok, self.optional),
+        done = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg, self.tok, self.optional,
+                                                        lora_sha),
                                   d.overwrite, with_samples=samples)
         # A reward row is scored at its prompt's end: the engine's max_new_tokens=0 path.
         self.base = (g.sampling_params() if self.reward_token is None
                      else SamplingParams(max_new_tokens=0))
         self.done_samples, self.done_ids = _done(done, g.n, "n" in self.plan.override_columns)
         self.todo = self.plan.num_rows - (len(self.done_ids) if self.done_ids is not None else 0)
+
+    def _check_model(self) -> str | None:
+        """The checkpoint's config, task, tp, weights (a dry load), LoRA adapter and tokenizer,
+        each refused naming its culprit before any rank starts; model.lora's hash or None."""
+        cfg, path = self.cfg, self.cfg.model.path
+        self.mcfg = with_task(ModelConfig.from_dir(path), cfg.model.task)
+        self.reward_token = self.mcfg.reward_token_id if self.mcfg.task == "reward" else None
+        if self.reward_token is not None:
+            check_reward_generation(cfg.generation)
+        check_tp(self.mcfg, cfg.parallel.tp)
+        check_checkpoint(path, self.mcfg)   # a dry load: names the file and tensor
+        lora_sha = None
+        if cfg.model.lora:   # checked against the checkpoint's shapes
+            from internlm2_tp.checkpoint import CheckpointReader
+            from internlm2_tp.lora import LoraAdapter
+            lora_sha = LoraAdapter(cfg.model.lora, self.mcfg.layout,
+                                   CheckpointReader(path)).sha256()
+        self.tok = Tokenizer.from_dir(path, cfg.data.chat_template)   # compiles the template
+        if self.tok.vocab_size > self.mcfg.vocab_size:
+            raise CheckpointError(f"{path}: tokenizer.model has {self.tok.vocab_size} "
+                                  f"pieces but config.json vocab_size is {self.mcfg.vocab_size}")
+        return lora_sha
 
     def _rows(self) -> Iterator[InputRow]:
         for batch in iter_rows(self.plan, self.columns, self.cfg.data.batch_rows, self.done_ids):

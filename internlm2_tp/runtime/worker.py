@@ -112,6 +112,9 @@ class Worker:
         dtype = agree_dtype(tp, platform.model_dtype(s.dtype, cfg))
         model = InternLM2Model(cfg, tp, dtype, device, platform)
         reader = CheckpointReader(s.model_path)
+        if s.lora:   # merged into this rank's slices as they are read
+            from internlm2_tp.lora import LoraAdapter, MergingReader
+            reader = MergingReader(reader, LoraAdapter(s.lora, cfg.layout, reader))
         model.load_weights(reader)
         load_s = time.perf_counter() - t0
         tokenizer = None

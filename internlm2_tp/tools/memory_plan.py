@@ -61,7 +61,9 @@ def weight_params(cfg: ModelConfig, tp: int) -> dict[str, int]:
     return {"layers": cfg.num_hidden_layers * per_layer,
             "norms": (2 * cfg.num_hidden_layers + 1) * h,     # replicated on every rank
             "embedding": vocab_rows * h,
-            "output": vocab_rows * h}                        # untied: its own copy, even if tied
+            # untied: its own copy, even if tied; a reward model's v_head: one fp32 row, counted
+            # at the run's dtype (a rounding error of one row)
+            "output": vocab_rows * h if cfg.task == "generate" else h}
 
 
 @dataclass(frozen=True)
