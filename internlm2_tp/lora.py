@@ -44,7 +44,8 @@ _REFUSED = {"use_dora": "DoRA (a magnitude vector) cannot be merged as B @ A",
             "alpha_pattern": "per-module alphas are not supported",
             "alora_invocation_tokens": "activated LoRA applies only after its invocation "
                                        "tokens, which a merge cannot express",
-            "use_qalora": "QA-LoRA pools its inputs", "target_parameters": "parameter targets",
+            "use_qalora": "QA-LoRA pools its inputs",
+            "target_parameters": "it adapts parameters, not the linear layers merged here",
             "trainable_token_indices": "trained token rows are not merged",
             "layer_replication": "layer replication changes the model's depth"}
 
