@@ -69,6 +69,23 @@ def test_each_rank_reads_only_its_slices(base, adapter):
     assert torch.equal(merging.read(untouched), reader.read(untouched))
 
 
+def test_bin_adapter_reads_as_safetensors(base, adapter, tmp_path):
+    """adapter_model.bin (older peft, XTuner) merges the same as adapter_model.safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    shutil.copy(adapter / "adapter_config.json", binary)
+    torch.save(load_file(str(adapter / "adapter_model.safetensors")),
+               binary / "adapter_model.bin")
+    reader = CheckpointReader(base)
+    name = "model.layers.0.attention.wqkv.weight"
+    got = [MergingReader(reader, LoraAdapter(d, "internlm2", reader)).read(name, rows=(0, 96))
+           for d in (adapter, binary)]
+    assert torch.equal(got[0], got[1])
+
+
 def _variant(adapter: Path, tmp: Path, config: dict | None = None,
              tensors: dict | None = None) -> Path:
     out = tmp / "variant"
