@@ -198,3 +198,24 @@ def test_reward_job_under_ray_and_torchrun(ckpt, tok, ref, ray_cluster, tmp_path
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     _check_rewards(out, want, ref)
+
+
+@pytest.mark.slow
+def test_reward_job_from_and_to_object_storage(ckpt, tok, ref, s3, tmp_path, capsys):
+    """S3 in, S3 out (a real S3-compatible server on loopback), the manifest's metrics too."""
+    rid = ModelConfig.from_dir(ckpt).reward_token_id
+    local, want = _reward_input(tmp_path / "in.parquet", tok, rid)
+    data = s3.put("in/rows.parquet", local.read_bytes())
+    args = [a for a in job_args(ckpt, local, tmp_path / "x", "data.carry_columns=[source]")
+            if not a.startswith(("data.input=", "data.output="))]
+    rc, err = run_job(args + [f"data.input={data}", f"data.output={s3.uri('out')}"], capsys)
+    assert rc == 0, err
+    got = s3.read_out("out")
+    assert sorted(got) == list(range(6)) and got[3]["reward"] is None
+    for i, ids in want.items():
+        assert abs(got[i]["reward"] - ref(ids)) < 1e-3 and got[i]["source"] == f"s{i}"
+    manifest = json.loads(s3.loc("out/_manifest.json").fs.open_input_stream(
+        s3.loc("out/_manifest.json").path).read())
+    group = manifest["groups"][0]   # the out-of-vocabulary row never reached the group
+    assert manifest["rows_this_run"] == 6 and group["rows"] == 5 and group["tokens"] == 0
+    assert group["prompt_tokens"] == sum(len(v) for v in want.values())
