@@ -33,24 +33,35 @@ def adapter(base, tmp_path_factory):
     return write_adapter(tmp_path_factory.mktemp("lora") / "a", base, INTERNLM2, r=4, alpha=8)
 
 
+@pytest.fixture(scope="module")
+def runs(make_ckpt, tmp_path_factory) -> list[tuple[str, str]]:
+    """Per layout: (checkpoint, adapter), (the copy merged in plain torch, none), (checkpoint,
+    none). InternLM2's layout with lora_alpha / r, the Llama layout's with rslora."""
+    tmp, out = tmp_path_factory.mktemp("lora-runs"), []
+    for layout, targets, rslora in (("internlm2", INTERNLM2, False), ("llama", LLAMA, True)):
+        ckpt = make_ckpt(dtype="float32", layout=layout, vocab_size=8000)   # small: 6 loads a rank
+        lora = write_adapter(tmp / layout, ckpt, targets, r=8, alpha=16, rslora=rslora)
+        merged = merged_copy(ckpt, lora, tmp / f"{layout}-merged")
+        out += [(str(ckpt), str(lora)), (str(merged), ""), (str(ckpt), "")]
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout, tp", [("internlm2", 1), ("internlm2", 2), ("internlm2", 4),
-                                        ("llama", 2)])
-def test_merged_at_load_equals_merged_in_torch(layout, tp, make_ckpt, tmp_path):
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_merged_at_load_equals_merged_in_torch(tp, runs):
+    """Both layouts on one group: InternLM2's (wqkv by KV group, w1/w3 into w13) and the Llama
+    layout's (q/k/v, gate/up/down)."""
     from _mp import run_ranks
     from _ranks import rank_lora_tokens
     from internlm2_tp.engine.params import SamplingParams
 
-    ckpt = make_ckpt(dtype="float32", layout=layout)
-    targets, rslora = (INTERNLM2, False) if layout == "internlm2" else (LLAMA, True)
-    lora = write_adapter(tmp_path / "lora", ckpt, targets, r=8, alpha=16, rslora=rslora)
-    merged = merged_copy(ckpt, lora, tmp_path / "merged")
     reqs = [(i, p, SamplingParams(max_new_tokens=8, ignore_eos=True))
             for i, p in enumerate(PROMPTS)]
-    runs = [(str(ckpt), str(lora)), (str(merged), ""), (str(ckpt), "")]
-    with_lora, ref, plain = run_ranks(rank_lora_tokens, tp, runs, reqs)[0]
-    assert with_lora == ref
-    assert with_lora != plain      # the adapter changes the tokens: the test can tell
+    out = run_ranks(rank_lora_tokens, tp, runs, reqs)[0]
+    for k in (0, 3):                       # each layout: (with the adapter, merged, base)
+        with_lora, ref, plain = out[k:k + 3]
+        assert with_lora == ref
+        assert with_lora != plain          # the adapter changes the tokens: the test can tell
 
 
 def test_each_rank_reads_only_its_slices(base, adapter):
