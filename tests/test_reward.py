@@ -16,7 +16,7 @@ import pytest
 from _job import MSG, job_args, read_out, run_inprocess, run_job
 from conftest import ROOT
 from internlm2_tp.config import ModelConfig, with_task
-from internlm2_tp.errors import ConfigError, JobConfigError
+from internlm2_tp.errors import ConfigError
 
 SPEC = dict(dtype="float32", reward=True)
 CONV = [{"role": "user", "content": "Write a haiku about caches."},
