@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from internlm2_tp.config_forms import TASKS, architecture, rope_fields
 from internlm2_tp.errors import ConfigError, JobConfigError
 
 if TYPE_CHECKING:
@@ -30,9 +31,9 @@ if TYPE_CHECKING:
 # The dtypes a model runs in (model.dtype, a checkpoint's torch_dtype), with their sizes.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# Architectures whose weights we can read: the native layout and the Llama layout written by
-# our converter (or InternLM's own conversion tool).
-LAYOUTS = {"InternLM2ForCausalLM": "internlm2", "LlamaForCausalLM": "llama"}
+# Weight layouts we read: the native one and the Llama layout written by our converter (or
+# InternLM's own conversion tool); which architecture uses which: config_forms.ARCHITECTURES.
+LAYOUTS = ("internlm2", "llama")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class ModelConfig:
     eos_token_id: tuple[int, ...] = (2,)
     pad_token_id: int | None = 2
     layout: str = "internlm2"  # which weight names the checkpoint uses
+    task: str = "generate"     # "reward": v_head (hidden -> 1) instead of the LM head
+    reward_token_id: int | None = None   # appended to each row a reward model scores
     source: str = field(default="<memory>", compare=False)
 
     def __post_init__(self) -> None:
@@ -94,8 +97,15 @@ class ModelConfig:
             raise ConfigError(f"{where}rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.eos_token_id:
             raise ConfigError(f"{where}eos_token_id must name at least one token")
-        if self.layout not in LAYOUTS.values():
+        if self.layout not in LAYOUTS:
             raise ConfigError(f"{where}unknown layout {self.layout!r}")
+        if self.task not in TASKS:
+            raise ConfigError(f"{where}unknown task {self.task!r}")
+        r = self.reward_token_id
+        if self.task == "reward" and (not isinstance(r, int) or isinstance(r, bool)
+                                      or not 0 <= r < self.vocab_size):
+            raise ConfigError(f"{where}reward_token_id must be a token id in [0, "
+                              f"{self.vocab_size}) for a reward model, got {r!r}")
 
     @property
     def head_dim(self) -> int:
@@ -134,17 +144,14 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>",
                   generation_eos: Any = None) -> "ModelConfig":
-        archs = raw.get("architectures") or ["InternLM2ForCausalLM"]
-        layout = next((LAYOUTS[a] for a in archs if a in LAYOUTS), None)
-        if layout is None:
-            raise ConfigError(f"{source}: architectures {archs} is not one of {sorted(LAYOUTS)}")
+        layout, task = architecture(raw, source)
+        theta, rs = rope_fields(raw, source)
         required = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
-                    "vocab_size", "rms_norm_eps", "rope_theta", "max_position_embeddings")
-        missing = [k for k in required if k not in raw]
+                    "vocab_size", "rms_norm_eps", "max_position_embeddings")
+        missing = [k for k in required if k not in raw] + (["rope_theta"] if theta is None else [])
         if missing:
             raise ConfigError(f"{source}: missing required field(s) {missing} (the config class "
                               "defaults are wrong for the published models, so none is assumed)")
-        rs = raw.get("rope_scaling")
         if rs is not None:
             if not isinstance(rs, dict) or "factor" not in rs:
                 raise ConfigError(f"{source}: rope_scaling must be null or "
@@ -166,7 +173,7 @@ class ModelConfig:
             num_hidden_layers=raw["num_hidden_layers"],
             vocab_size=raw["vocab_size"],
             rms_norm_eps=float(raw["rms_norm_eps"]),
-            rope_theta=float(raw["rope_theta"]),
+            rope_theta=float(theta),
             max_position_embeddings=raw["max_position_embeddings"],
             rope_scaling=rs,
             bias=bool(raw.get("bias", raw.get("attention_bias", False))),
@@ -176,6 +183,8 @@ class ModelConfig:
             eos_token_id=eos_ids,
             pad_token_id=raw.get("pad_token_id"),
             layout=layout,
+            task=task,
+            reward_token_id=raw.get("reward_token_id"),
             source=source,
         )
 
@@ -225,6 +234,24 @@ def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a name of DTYPE_BYTES."""
     import torch
     return getattr(torch, name)
+
+
+def check_task_setting(name: str) -> None:
+    if name != "auto" and name not in TASKS:
+        raise JobConfigError(f"model.task must be auto, {', '.join(TASKS)}; got {name!r}")
+
+
+def with_task(cfg: ModelConfig, setting: str) -> ModelConfig:
+    """The config as model.task says: `auto` keeps what `architectures` says; `reward` reads a
+    checkpoint as a reward model (its config.json must give reward_token_id, its weights a
+    v_head.weight); `generate` on a reward model is refused: it has no LM head."""
+    check_task_setting(setting)
+    if setting in ("auto", cfg.task):
+        return cfg
+    if setting == "generate":
+        raise ConfigError(f"model.task=generate, but {cfg.source} is a reward model "
+                          "(InternLM2ForRewardModel: a v_head, no LM head to generate with)")
+    return replace(cfg, task=setting)
 
 
 def check_dtype_setting(name: str, key: str = "model.dtype") -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from internlm2_tp.config import check_dtype_setting
+from internlm2_tp.config import check_dtype_setting, check_task_setting
 from internlm2_tp.engine.config import EngineConfig
 from internlm2_tp.engine.params import SamplingParams
 from internlm2_tp.errors import JobConfigError
@@ -26,9 +26,12 @@ from internlm2_tp.parallel.kinds import check_device
 class ModelSection:
     path: str = ""          # HF checkpoint dir (InternLM2 or Llama layout); "" runs the demo
     dtype: str = "auto"     # auto, float32, bfloat16, float16
+    task: str = "auto"      # auto (from architectures), generate, reward
+    lora: str = ""          # a PEFT LoRA adapter directory, merged into the weights at load
 
     def __post_init__(self) -> None:
         check_dtype_setting(self.dtype)
+        check_task_setting(self.task)
 
 
 @dataclass
@@ -119,6 +122,17 @@ class GenerationSection:
     def sampling_params(self) -> SamplingParams:
         """The job's sampling parameters (the fields are SamplingParams' own)."""
         return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+
+def check_reward_generation(g: GenerationSection) -> None:
+    """A reward job scores each row and generates nothing: every generation.* key but
+    max_new_tokens (ignored) must keep its default, so no setting is silently dropped."""
+    base = GenerationSection()
+    keys = [f"generation.{f.name}" for f in fields(g)
+            if f.name != "max_new_tokens" and getattr(g, f.name) != getattr(base, f.name)]
+    if keys:
+        raise JobConfigError(f"{', '.join(keys)}: a reward model scores each row and generates "
+                             "nothing, so generation settings do not apply; unset them")
 
 
 @dataclass

@@ -60,6 +60,10 @@ WEIGHT_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+# A reward model (config task "reward") has this instead of "output".
+VALUE_HEAD = ("v_head", ("v_head.weight",))
+
+
 class RMSNorm(nn.Module):
     """RMSNorm; with `residual`, the fused add-and-norm: (norm(x + residual), x + residual)."""
 
@@ -80,6 +84,27 @@ class RMSNorm(nn.Module):
     def load(self, reader: CheckpointReader, names: tuple[str, ...]) -> None:
         (name,) = names
         reader.expect_shape(name, (self.hidden,))
+        self.weight.data.copy_(reader.read(name))
+
+
+class ValueHead(nn.Module):
+    """A reward model's `v_head` (nn.Linear(hidden, 1, bias=False)), whole on every rank: its
+    input, the final-normed hidden state, is already whole on every rank after the layers'
+    all-reduces, so it needs no collective and every rank computes the same score. Kept and
+    applied in fp32 (hidden floats), whatever the run's dtype."""
+
+    def __init__(self, hidden: int, device: torch.device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, hidden, dtype=torch.float32, device=device),
+                                   requires_grad=False)
+        self.hidden = hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # [B, hidden] -> [B] fp32
+        return (x.float() @ self.weight.t()).squeeze(-1)
+
+    def load(self, reader: CheckpointReader, names: tuple[str, ...]) -> None:
+        (name,) = names
+        reader.expect_shape(name, (1, self.hidden))
         self.weight.data.copy_(reader.read(name))
 
 
@@ -150,7 +175,10 @@ class InternLM2Model(nn.Module):
         self.layers = nn.ModuleList(InternLM2Layer(cfg, tp, dtype, device, ops, backend)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops)
-        self.output = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device, ops)
+        self.is_reward = cfg.task == "reward"
+        self.output = None if self.is_reward else ParallelLMHead(cfg.vocab_size, cfg.hidden_size,
+                                                                 tp, dtype, device, ops)
+        self.v_head = ValueHead(cfg.hidden_size, device) if self.is_reward else None
         self.rotary = RotaryEmbedding(cfg, device, dtype)
 
     @property
@@ -175,8 +203,9 @@ class InternLM2Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KV],
                 gather: bool = True) -> torch.Tensor | None:
         """input_ids [T] -> logits [B, vocab] fp32 at meta.logits_indices ([T, vocab] if None);
-        with gather=False this rank's vocab shard [B, per_rank] (for output.argmax). None when
-        the step samples nothing (only prefill chunks): the norm and the head are skipped."""
+        with gather=False this rank's vocab shard [B, per_rank] (for output.argmax); a reward
+        model: scores [B] fp32, the same on every rank. None when the step samples nothing
+        (only prefill chunks): the norm and the head are skipped."""
         self.attention_backend.prepare(meta, kv_caches[0][0], self.heads_local)
         rope = self.rotary(meta.positions, meta.rope_lengths, meta.max_position,
                            meta.max_rope_length)                               # [T, d] each
@@ -187,6 +216,8 @@ class InternLM2Model(nn.Module):
             if meta.logits_indices.numel() == 0:
                 return None
             h = h[meta.logits_indices]                                         # [B, hidden]
+        if self.v_head is not None:
+            return self.v_head(self.norm(h))                                   # [B] fp32
         local = self.output(self.norm(h))                                      # [B, per_rank]
         return self.output.gather(local) if gather else local
 
@@ -200,7 +231,10 @@ class InternLM2Model(nn.Module):
         """Every module that loads weights, with its checkpoint tensor names (WEIGHT_NAMES of the
         checkpoint's layout; a tied output head reads the embedding when it has no tensor)."""
         table = dict(WEIGHT_NAMES[self.cfg.layout])
-        if self.cfg.tie_word_embeddings and not reader.has(table["output"][0]):
+        if self.is_reward:
+            del table["output"]
+            table[VALUE_HEAD[0]] = VALUE_HEAD[1]
+        elif self.cfg.tie_word_embeddings and not reader.has(table["output"][0]):
             table["output"] = table["tok_embeddings"]
         out: list[tuple[nn.Module, tuple[str, ...]]] = []
         for path, names in table.items():

@@ -21,6 +21,20 @@ from internlm2_tp.errors import MissingFileError, TokenizerError
 from internlm2_tp.tokenizer_config import CONFIG_FILE, MODEL_FILE, TokenizerConfig, special_token_ids
 
 
+def load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
+    """Load a .model with sentencepiece's load-time warnings off. The published InternLM2 model's
+    only one is "Piece at index 354 is a null character (\\0) and byte_fallback is enabled.
+    Treating it as an UNUSED piece", printed by every process that loads it, which a user cannot
+    act on and which changes nothing: a NUL in text is encoded by byte fallback as <0x00> (id 3),
+    so id 354 is never produced, and decoding 354 still gives "\\0" (the official tokenizer is
+    the same library and behaves the same). Errors still raise."""
+    spm.set_min_log_level(2)          # errors only, for the load
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    finally:
+        spm.set_min_log_level(0)      # sentencepiece's default
+
+
 class Tokenizer:
     def __init__(self, model_file: str | Path, config: TokenizerConfig | None = None,
                  chat_template: ChatTemplate | None = None) -> None:
@@ -29,7 +43,7 @@ class Tokenizer:
         if not path.is_file():
             raise MissingFileError(f"tokenizer model {path} does not exist")
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+            self.sp = load_sentencepiece(path)
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"{path}: not a sentencepiece model ({e})") from None
         self.vocab_size: int = self.sp.get_piece_size()

@@ -60,8 +60,9 @@ def print_summary(manifest: dict, out: str) -> None:
     print("\nFirst rows:")
     for r in head_rows(out, 5):
         text = r["completion"].replace("\n", "\\n")
+        shown = f"reward {r['reward']:.4f}" if r.get("reward") is not None else f"{text[:70]!r}"
         print(f"  id={r['id']} {r['finish_reason']:6} {r['completion_tokens']:4} tok  "
-              f"{text[:70]!r}{' ERROR: ' + r['error'] if r['error'] else ''}")
+              f"{shown}{' ERROR: ' + r['error'] if r['error'] else ''}")
     keys = ("rows_total", "rows_this_run", "rows_done_before", "errors", "completion_tokens",
             "wall_s", "rows_per_s", "output_tokens_per_s", "group_restarts")
     print("\nSummary: " + ", ".join(f"{k}={manifest[k]}" for k in keys))

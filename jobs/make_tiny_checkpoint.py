@@ -4,7 +4,8 @@
     python jobs/make_tiny_checkpoint.py out=DIR [hidden_size=192 num_attention_heads=48 ...]
 
 Keys are the fields of internlm2_tp.testing.tiny.TinySpec (unknown keys are refused), e.g.
-format=bin, dtype=float32, num_shards=3, rope_scaling='{type: dynamic, factor: 2.0}'.
+format=bin, dtype=float32, num_shards=3, rope_scaling='{type: dynamic, factor: 2.0}', reward=true
+(an InternLM2ForRewardModel: v_head.weight instead of output.weight, reward_token_id).
 """
 from __future__ import annotations
 

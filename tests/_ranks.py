@@ -14,12 +14,34 @@ from internlm2_tp.parallel.group import destroy_tp_group, init_tp_group
 
 
 def build_model(rank: int, world: int, port: int, ckpt: str | Path,
-                dtype: torch.dtype = torch.float32) -> InternLM2Model:
+                dtype: torch.dtype = torch.float32, tp: object = None,
+                lora: str = "") -> InternLM2Model:
+    """`tp`: an existing group (several models on one group); `lora`: an adapter to merge."""
     cfg = ModelConfig.from_dir(ckpt)
-    tp = init_tp_group("cpu", rank, world, "127.0.0.1", port)
+    tp = tp or init_tp_group("cpu", rank, world, "127.0.0.1", port)
     model = InternLM2Model(cfg, tp, dtype, torch.device("cpu"))
-    model.load_weights(CheckpointReader(ckpt))
+    reader = CheckpointReader(ckpt)
+    if lora:
+        from internlm2_tp.lora import LoraAdapter, MergingReader
+        reader = MergingReader(reader, LoraAdapter(lora, cfg.layout, reader))
+    model.load_weights(reader)
     return model
+
+
+def rank_lora_tokens(rank: int, world: int, port: int, runs: list[tuple[str, str]],
+                     requests: list) -> list | None:
+    """Greedy tokens of each (checkpoint, adapter or "") in `runs` on one group, in turn."""
+    from internlm2_tp.engine.engine import Engine, EngineConfig
+
+    tp, out = None, []
+    for ckpt, lora in runs:
+        model = build_model(rank, world, port, ckpt, tp=tp, lora=lora)
+        tp = model.tp
+        engine = Engine(model, EngineConfig(block_size=16, num_kv_blocks=64),
+                        model.cfg.eos_token_id)
+        out.append([f.output_ids for f in engine.generate(requests)])
+    destroy_tp_group(tp)
+    return out if rank == 0 else None
 
 
 def fresh_caches(model: InternLM2Model, num_blocks: int, block_size: int

@@ -60,6 +60,19 @@ def ref_forward(sd: dict[str, torch.Tensor], c: dict, ids: list[int],
                 rope_T: list[int]) -> torch.Tensor:
     """Plain InternLM2 forward over one sequence, full recompute, written from the official math.
     rope_T[p] is the length whose dynamic-NTK base rotates token p. Returns logits [len, vocab]."""
+    return ref_hidden(sd, c, ids, rope_T) @ sd["output.weight"].float().T
+
+
+def ref_reward(sd: dict[str, torch.Tensor], c: dict, ids: list[int]) -> float:
+    """InternLM2ForRewardModel's score, as published: v_head of the final-normed hidden state at
+    the last token (the reward token), in fp32."""
+    T = [len(ids)] * len(ids)
+    return float(ref_hidden(sd, c, ids, T)[-1] @ sd["v_head.weight"].float()[0])
+
+
+def ref_hidden(sd: dict[str, torch.Tensor], c: dict, ids: list[int],
+               rope_T: list[int]) -> torch.Tensor:
+    """The final-normed hidden states [len, hidden] of ref_forward."""
     heads, kv, hidden = c["num_attention_heads"], c["num_key_value_heads"], c["hidden_size"]
     d, g, eps = hidden // heads, heads // kv, c["rms_norm_eps"]
     theta, max_pos = c["rope_theta"], c["max_position_embeddings"]
@@ -104,7 +117,7 @@ def ref_forward(sd: dict[str, torch.Tensor], c: dict, ids: list[int],
         gate = x @ sd[p + "feed_forward.w1.weight"].float().T
         up = x @ sd[p + "feed_forward.w3.weight"].float().T
         h = h + (torch.nn.functional.silu(gate) * up) @ sd[p + "feed_forward.w2.weight"].float().T
-    return norm(h, sd["model.norm.weight"].float()) @ sd["output.weight"].float().T
+    return norm(h, sd["model.norm.weight"].float())
 
 
 def ref_greedy(ckpt: Path, prompt: list[int], new: int) -> list[int]:

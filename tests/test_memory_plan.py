@@ -71,6 +71,22 @@ def test_presets_and_errors() -> None:
         plan(preset("internlm2-chat-20b"), 8, 2, 64 * GiB, utilization=1.5)
 
 
+def test_internlm2_5_presets() -> None:
+    """The 2.5 chat models: the 2.0 shapes with their own RoPE settings. The 1M model's KV cache
+    is 128 KiB per token in bf16 over the whole group (32 layers x 8 KV heads x 128 x 2 x 2 B)."""
+    one_m = preset("internlm2_5-7b-chat-1m")
+    assert (one_m.rope_theta, one_m.rope_scaling.factor, one_m.max_position_embeddings) == \
+        (5e7, 2.5, 262144)
+    p = plan(one_m, tp=8, dtype_bytes=2, device_bytes=64 * GiB)
+    assert p.kv_bytes_per_token * 8 == 128 * 1024 and p.context_len == 655360
+    big = preset("internlm2_5-20b-chat")
+    assert (big.rope_theta, big.rope_scaling.factor, big.num_hidden_layers) == (5e7, 2.5, 48)
+    chat = preset("internlm2_5-7b-chat")
+    assert (chat.rope_theta, chat.rope_scaling.factor, chat.max_position_embeddings) == \
+        (1e6, 2.0, 32768)
+    assert weight_params(chat, 2) == weight_params(preset("internlm2-chat-7b"), 2)
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4, 8, 16])
 def test_weights_equal_the_model_parameters(make_ckpt, tp: int) -> None:
     cfg = ModelConfig.from_dir(make_ckpt(**SPEC))

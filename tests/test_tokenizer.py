@@ -242,3 +242,16 @@ def test_bad_ids(tok: Tokenizer) -> None:
         tok.id_to_piece(tok.vocab_size)
     with pytest.raises(TypeError):
         tok.encode(None)  # type: ignore[arg-type]
+
+
+def test_real_model_loads_without_its_harmless_warning(real_tokenizer, capfd):
+    """sentencepiece warns that piece 354 of the published model is a NUL treated as unused:
+    silenced at load (internlm2_tp.tokenizer.load_sentencepiece), and indeed harmless."""
+    from internlm2_tp.tokenizer import Tokenizer
+
+    capfd.readouterr()
+    tok = Tokenizer(real_tokenizer)
+    assert "Piece at index 354" not in capfd.readouterr().err
+    nul = tok.sp.piece_to_id("<0x00>")
+    assert tok.sp.is_byte(nul) and tok.encode("a\x00b", add_bos=False)[1] == nul
+    assert tok.sp.is_unused(354) and tok.decode([354]) == tok.decode([nul]) == "\x00"

@@ -88,6 +88,10 @@ class Engine:
             raise ValueError(f"row id {request_id!r}: prompt of {n} tokens does not fit the context "
                              f"(max_model_len {limit}, room for at least one new token needed); "
                              "prompts are not truncated")
+        if self.model.is_reward and (params.n != 1 or params.logprobs >= 0
+                                     or params.prompt_logprobs):
+            raise ValueError(f"row id {request_id!r}: a reward model scores a row once: n, "
+                             "logprobs and prompt_logprobs do not apply")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"row id {request_id!r}: stop strings need the engine's tokenizer")
         seqs = [self._sequence(request_id, prompt_ids, params, i)
@@ -177,6 +181,8 @@ class Engine:
         self.steps += 1
         if local is None:
             return []
+        if self.model.is_reward:
+            return self._rewards(sampled, local)
         head, b = self.model.output, len(sampled)
         score_prompts(head, local[b:], targets)
         for seq in sampled:   # its prompt is in the cache: its sibling samples may start
@@ -190,6 +196,17 @@ class Engine:
         if any(sampled[i].params.logprobs >= 0 for i in emit):   # else no [B, vocab] copy
             score_samples(head, local[emit], [sampled[i] for i in emit], tokens)
         return self._advance(sampled, emit, tokens)
+
+    def _rewards(self, sampled: list[Sequence], scores: torch.Tensor) -> list[Finished]:
+        """A reward model's step: scores [B] of the rows whose prompt is now complete (the
+        v_head at the last token, the reward token). Each ends there; nothing is generated."""
+        now = time.perf_counter()
+        done = []
+        for seq, score in zip(sampled, scores.tolist()):
+            seq.reward = score
+            self.scheduler.finish(seq, "length")
+            done.append(self._finished(seq, "length", None, now))
+        return done
 
     def _pick(self, local: torch.Tensor, sampled: list[Sequence], emit: list[int]) -> list[int]:
         """The next token of each emitting row. Greedy rows without penalties need only the
@@ -231,7 +248,7 @@ class Engine:
                         ttft_s=first - seq.arrival, latency_s=now - seq.arrival,
                         sample_index=seq.sample_index,
                         token_logprobs=seq.token_logprobs, top_logprobs=seq.top_logprobs,
-                        prompt_logprobs=seq.prompt_logprobs)
+                        prompt_logprobs=seq.prompt_logprobs, reward=seq.reward)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Sample where the logits are (no [B, vocab] copy to the host per step): only the [B]

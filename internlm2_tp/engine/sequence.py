@@ -39,6 +39,7 @@ class Sequence:
     token_logprobs: list[float] | None = None       # of each output token, when asked
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None  # [prompt_len], entry 0 None, when asked
+    reward: float | None = None      # a reward model's score of the whole prompt
 
     @property
     def prompt_len(self) -> int:
@@ -78,3 +79,4 @@ class Finished:
     token_logprobs: list[float] | None = None           # params.logprobs >= 0
     top_logprobs: list[list[tuple[int, float]]] | None = None   # params.logprobs > 0
     prompt_logprobs: list[float | None] | None = None   # params.prompt_logprobs
+    reward: float | None = None                         # a reward model's score

@@ -21,10 +21,11 @@ import pyarrow as pa
 
 from tqdm import tqdm
 
-from internlm2_tp.config import ModelConfig, check_tp
+from internlm2_tp.config import ModelConfig, check_tp, with_task
 from internlm2_tp.engine.cache_plan import RuntimeFacts
 from internlm2_tp.errors import CheckpointError, JobConfigError, JobFailed, UserError
-from internlm2_tp.job_config import JobConfig
+from internlm2_tp.engine.params import SamplingParams
+from internlm2_tp.job_config import JobConfig, check_reward_generation
 from internlm2_tp.runtime import storage
 from internlm2_tp.runtime.dispatch import Dispatcher, JobStats
 from internlm2_tp.runtime.input_types import InputColumns, InputRow
@@ -47,9 +48,10 @@ log = logging.getLogger(__name__)
 
 
 def fingerprint(cfg: JobConfig, mcfg: ModelConfig, tok: Tokenizer | None = None,
-                optional: tuple[str, ...] = ()) -> dict:
+                optional: tuple[str, ...] = (), lora_sha256: str | None = None) -> dict:
     """What makes two runs' outputs comparable; a resumed run must match it (`optional`: the
-    output's optional columns, so every shard of a directory has one schema)."""
+    output's optional columns, so every shard of a directory has one schema; `lora_sha256`:
+    model.lora's adapter, its files' hash)."""
     cfg_sha = hashlib.sha256(Path(mcfg.source).read_bytes()).hexdigest()
     d = cfg.data
     data = {"input": storage.canonical(d.input), "id_column": d.id_column,
@@ -62,8 +64,13 @@ def fingerprint(cfg: JobConfig, mcfg: ModelConfig, tok: Tokenizer | None = None,
         text = tok.chat_template.text if tok is not None else None
         data["chat_template"] = {"setting": d.chat_template, "sha256": hashlib.sha256(
             text.encode()).hexdigest() if text is not None else None}
-    fp = {"model": {"path": str(Path(cfg.model.path).resolve()), "config_sha256": cfg_sha,
-                    "dtype": cfg.model.dtype},
+    model = {"path": str(Path(cfg.model.path).resolve()), "config_sha256": cfg_sha,
+             "dtype": cfg.model.dtype}
+    if cfg.model.task != "auto":
+        model["task"] = cfg.model.task
+    if cfg.model.lora:
+        model["lora"] = {"path": str(Path(cfg.model.lora).resolve()), "sha256": lora_sha256}
+    fp = {"model": model,
           "generation": _generation_fingerprint(cfg), "data": data}
     if optional:
         fp["output_columns"] = list(optional)
@@ -90,13 +97,7 @@ class Job:
                                  "or glob; a local path or URI)")
         if not d.output:
             raise JobConfigError("data.output is required (a directory or object-store prefix)")
-        self.mcfg = ModelConfig.from_dir(cfg.model.path)
-        check_tp(self.mcfg, cfg.parallel.tp)
-        check_checkpoint(cfg.model.path, self.mcfg)   # a dry load: names the file and tensor
-        self.tok = Tokenizer.from_dir(cfg.model.path, d.chat_template)   # compiles the template
-        if self.tok.vocab_size > self.mcfg.vocab_size:
-            raise CheckpointError(f"{cfg.model.path}: tokenizer.model has {self.tok.vocab_size} "
-                                  f"pieces but config.json vocab_size is {self.mcfg.vocab_size}")
+        lora_sha = self._check_model()
         try:
             self.columns = InputColumns(d.id_column, d.prompt_column, d.messages_column,
                                         d.token_ids_column)
@@ -115,14 +116,44 @@ class Job:
                                  "its shards would be read as input by the rerun; choose an "
                                  "output directory outside data.input")
         g = cfg.generation
+        if self.reward_token is not None and self.plan.override_columns:
+            raise JobConfigError(f"input column {self.plan.override_columns[0]!r} is a per-row "
+                                 "generation setting, and a reward model generates nothing: "
+                                 "drop or rename the column")
         self.optional = optional_columns(g.n, g.logprobs, g.prompt_logprobs,
-                                         self.plan.override_columns)
+                                         self.plan.override_columns,
+                                         reward=self.reward_token is not None)
         samples = "sample_index" in self.optional
-        done = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg, self.tok, self.optional),
+        done = prepare_output_dir(self.out, fingerprint(cfg, self.mcfg, self.tok, self.optional,
+                                                        lora_sha),
                                   d.overwrite, with_samples=samples)
-        self.base = g.sampling_params()
+        # A reward row is scored at its prompt's end: the engine's max_new_tokens=0 path.
+        self.base = (g.sampling_params() if self.reward_token is None
+                     else SamplingParams(max_new_tokens=0))
         self.done_samples, self.done_ids = _done(done, g.n, "n" in self.plan.override_columns)
         self.todo = self.plan.num_rows - (len(self.done_ids) if self.done_ids is not None else 0)
+
+    def _check_model(self) -> str | None:
+        """The checkpoint's config, task, tp, weights (a dry load), LoRA adapter and tokenizer,
+        each refused naming its culprit before any rank starts; model.lora's hash or None."""
+        cfg, path = self.cfg, self.cfg.model.path
+        self.mcfg = with_task(ModelConfig.from_dir(path), cfg.model.task)
+        self.reward_token = self.mcfg.reward_token_id if self.mcfg.task == "reward" else None
+        if self.reward_token is not None:
+            check_reward_generation(cfg.generation)
+        check_tp(self.mcfg, cfg.parallel.tp)
+        check_checkpoint(path, self.mcfg)   # a dry load: names the file and tensor
+        lora_sha = None
+        if cfg.model.lora:   # checked against the checkpoint's shapes
+            from internlm2_tp.checkpoint import CheckpointReader
+            from internlm2_tp.lora import LoraAdapter
+            lora_sha = LoraAdapter(cfg.model.lora, self.mcfg.layout,
+                                   CheckpointReader(path)).sha256()
+        self.tok = Tokenizer.from_dir(path, cfg.data.chat_template)   # compiles the template
+        if self.tok.vocab_size > self.mcfg.vocab_size:
+            raise CheckpointError(f"{path}: tokenizer.model has {self.tok.vocab_size} "
+                                  f"pieces but config.json vocab_size is {self.mcfg.vocab_size}")
+        return lora_sha
 
     def _rows(self) -> Iterator[InputRow]:
         for batch in iter_rows(self.plan, self.columns, self.cfg.data.batch_rows, self.done_ids):
@@ -130,7 +161,7 @@ class Job:
 
     def _prepare(self, row: InputRow) -> Request | list[OutputRow]:
         return to_request(row, self.tok, self.base, self.mcfg.vocab_size,
-                          self.done_samples.get(row.id, ()))
+                          self.done_samples.get(row.id, ()), self.reward_token)
 
     def run(self, pool: Pool) -> dict:
         """Run every row not yet in the output. Whatever happens (a group lost for good, bad
@@ -191,7 +222,7 @@ class Job:
             return finished_row(f.request_id, f.prompt_tokens, f.output_ids, f.finish_reason,
                                 f.stop_text, self.tok, facts.eos_ids, sample_index=f.sample_index,
                                 token_logprobs=f.token_logprobs, top_logprobs=f.top_logprobs,
-                                prompt_token_logprobs=f.prompt_logprobs)
+                                prompt_token_logprobs=f.prompt_logprobs, reward=f.reward)
 
         run = Dispatcher(pool, self._rows(), self._prepare, output, writer, bar, guard,
                          cap=cfg.ray.inflight_per_group or 2 * cfg.engine.max_num_seqs,

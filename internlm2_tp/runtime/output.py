@@ -53,6 +53,7 @@ class OutputRow:
                                                     optional=True)
     prompt_token_logprobs: list[float | None] | None = _column(pa.list_(pa.float32()), True,
                                                                optional=True)
+    reward: float | None = _column(pa.float32(), True, optional=True)   # a reward model's score
 
     def __post_init__(self) -> None:
         _check_row(self)
@@ -66,14 +67,15 @@ OPTIONAL_COLUMNS = tuple(f.name for f in fields(OutputRow) if f.metadata.get("op
 
 
 def optional_columns(n: int, logprobs: int, prompt_logprobs: bool,
-                     override_columns: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The optional columns a job's output has: fixed for the whole job by its settings and its
-    input's override columns (a row's `n` or `logprobs` column may ask for them), so every
-    shard of one output has the same schema."""
+                     override_columns: list[str] | tuple[str, ...] = (),
+                     reward: bool = False) -> tuple[str, ...]:
+    """The optional columns a job's output has: fixed for the whole job by its settings, its
+    input's override columns (a row's `n` or `logprobs` column may ask for them) and its task
+    (`reward`: a reward model's job), so every shard of one output has the same schema."""
     want = {"sample_index": n > 1 or "n" in override_columns,
             "token_logprobs": logprobs >= 0 or "logprobs" in override_columns,
             "top_logprobs": logprobs > 0 or "logprobs" in override_columns,
-            "prompt_token_logprobs": prompt_logprobs}
+            "prompt_token_logprobs": prompt_logprobs, "reward": reward}
     return tuple(c for c in OPTIONAL_COLUMNS if want[c])
 
 
@@ -121,6 +123,8 @@ def _check_row(row: OutputRow) -> None:
         v = getattr(row, name)
         if v is not None and len(v) != len(ids):
             raise ValueError(f"{who}: {name} has {len(v)} entries for {len(ids)} tokens")
+    if row.reward is not None and (type(row.reward) is not float or row.finish_reason == "error"):
+        raise ValueError(f"{who}: reward must be a float (None on an error row)")
     p = row.prompt_token_logprobs
     if p is not None and (len(p) != row.prompt_tokens or (p and p[0] is not None)):
         raise ValueError(f"{who}: prompt_token_logprobs must have one entry per prompt token, "

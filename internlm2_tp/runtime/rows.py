@@ -40,11 +40,13 @@ def error_row(row_id: Any, message: str, prompt_tokens: int = 0, sample_index: i
 
 
 def to_request(row: InputRow, tok: Tokenizer, base: SamplingParams, vocab_size: int,
-               done: Collection[int] = ()) -> Request | list[OutputRow]:
+               done: Collection[int] = (), reward_token: int | None = None
+               ) -> Request | list[OutputRow]:
     """The engine request for a row's samples not in `done` (sample indices already written;
     none left: a request with no samples), or the error rows that replace them, one per
-    sample. A row has n samples: its own `n` column's, else the job's."""
-    r = _request(row, tok, base, vocab_size)
+    sample. A row has n samples: its own `n` column's, else the job's. `reward_token`: a
+    reward model's job (see prompt_ids)."""
+    r = _request(row, tok, base, vocab_size, reward_token)
     n = r.params.n if isinstance(r, Request) else row.overrides.get("n", base.n)
     samples = tuple(i for i in range(n) if i not in done)
     if isinstance(r, Request):
@@ -52,18 +54,29 @@ def to_request(row: InputRow, tok: Tokenizer, base: SamplingParams, vocab_size: 
     return [replace(r, sample_index=i) for i in samples]
 
 
-def _request(row: InputRow, tok: Tokenizer, base: SamplingParams,
-             vocab_size: int) -> Request | OutputRow:
+def prompt_ids(row: InputRow, tok: Tokenizer, reward_token: int | None = None) -> list[int]:
+    """A row's prompt: text encoded (with bos), messages through the chat template, token ids
+    as given. For a reward model (`reward_token` set) the conversation is rendered without the
+    generation prompt and the reward token is appended, unless the row already ends with it
+    (the published models score the hidden state there)."""
+    if row.prompt is not None:
+        ids = tok.encode(row.prompt)
+    elif row.messages is not None:
+        ids = tok.apply_chat_template(row.messages, add_generation_prompt=reward_token is None)
+    else:
+        ids = list(row.token_ids or [])
+    if reward_token is not None and ids and ids[-1] != reward_token:
+        ids.append(reward_token)
+    return ids
+
+
+def _request(row: InputRow, tok: Tokenizer, base: SamplingParams, vocab_size: int,
+             reward_token: int | None = None) -> Request | OutputRow:
     """The engine request for a row (all its samples), or the error row that replaces it."""
     if row.error is not None:
         return error_row(row.id, row.error)
     try:
-        if row.prompt is not None:
-            ids = tok.encode(row.prompt)
-        elif row.messages is not None:
-            ids = tok.apply_chat_template(row.messages)
-        else:
-            ids = list(row.token_ids or [])
+        ids = prompt_ids(row, tok, reward_token)
     except ValueError as e:
         return error_row(row.id, f"row id {row.id!r}: {e}")
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)

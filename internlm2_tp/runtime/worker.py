@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from internlm2_tp.checkpoint import CheckpointReader
-from internlm2_tp.config import ModelConfig
+from internlm2_tp.config import ModelConfig, with_task
 from internlm2_tp.engine.config import EngineConfig
 from internlm2_tp.engine.engine import Engine, Finished
 from internlm2_tp.job_config import JobConfig
@@ -46,6 +46,8 @@ class WorkerSpec:
     need_tokenizer: bool = False    # stop strings are matched on text inside the engine (a job
                                     # always loads it: any row may have a `stop` column)
     local_index: int = 0            # device index on the node (0 under Ray: one visible device)
+    task: str = "auto"              # model.task
+    lora: str = ""                  # model.lora: a PEFT adapter merged into this rank's slices
 
     @classmethod
     def from_job(cls, cfg: JobConfig, device: str, rank: int = 0, master_addr: str = "127.0.0.1",
@@ -55,7 +57,8 @@ class WorkerSpec:
                    device=device, tp=cfg.parallel.tp, rank=rank, master_addr=master_addr,
                    master_port=0, engine=cfg.engine, timeout_s=cfg.parallel.timeout_s,
                    env=PLATFORMS[device]().job_env(cfg.parallel), threads=threads,
-                   need_tokenizer=True, local_index=local_index)
+                   need_tokenizer=True, local_index=local_index, task=cfg.model.task,
+                   lora=str(Path(cfg.model.lora).resolve()) if cfg.model.lora else "")
 
 
 def _counters(eng: Engine) -> dict[str, int]:
@@ -67,7 +70,8 @@ def _counters(eng: Engine) -> dict[str, int]:
 def digest(results: list[Finished]) -> str:
     h = hashlib.sha256()
     for f in results:
-        h.update(repr((f.request_id, f.sample_index, f.output_ids, f.finish_reason)).encode())
+        h.update(repr((f.request_id, f.sample_index, f.output_ids, f.finish_reason,
+                       f.reward)).encode())
     return h.hexdigest()
 
 
@@ -103,11 +107,14 @@ class Worker:
         platform = self.platform or get_platform(s.device)
         platform.prepare_process()
         device = platform.local_device(s.local_index)
-        cfg = ModelConfig.from_dir(s.model_path)
+        cfg = with_task(ModelConfig.from_dir(s.model_path), s.task)
         tp = init_tp_group(platform, s.rank, s.tp, s.master_addr, s.master_port, s.timeout_s)
         dtype = agree_dtype(tp, platform.model_dtype(s.dtype, cfg))
         model = InternLM2Model(cfg, tp, dtype, device, platform)
         reader = CheckpointReader(s.model_path)
+        if s.lora:   # merged into this rank's slices as they are read
+            from internlm2_tp.lora import LoraAdapter, MergingReader
+            reader = MergingReader(reader, LoraAdapter(s.lora, cfg.layout, reader))
         model.load_weights(reader)
         load_s = time.perf_counter() - t0
         tokenizer = None

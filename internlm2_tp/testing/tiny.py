@@ -21,6 +21,7 @@ import torch
 from internlm2_tp.config import DTYPE_BYTES, torch_dtype
 
 IM_END_ID = 92542  # <|im_end|> in the published vocabulary
+REWARD_TOKEN_ID = 92527  # InternLM2-Reward's config.json reward_token_id
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TinySpec:
     seed: int = 0
     tokenizer_model: str | None = None     # path to a tokenizer.model; None: the real one if found
     layout: str = "internlm2"              # "llama": write the Llama layout directly (tests)
+    reward: bool = False                   # InternLM2ForRewardModel: v_head.weight, no output.weight
     extra: dict = field(default_factory=dict)  # merged into config.json (tests of odd configs)
 
     def __post_init__(self) -> None:
@@ -56,6 +58,8 @@ class TinySpec:
                              "multiple of num_key_value_heads")
         if self.layout not in ("internlm2", "llama"):
             raise ValueError(f"layout must be 'internlm2' or 'llama', got {self.layout!r}")
+        if self.reward and self.layout != "internlm2":
+            raise ValueError("a reward checkpoint is written in the internlm2 layout only")
 
 
 def _tensors(spec: TinySpec, vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -98,14 +102,18 @@ def _tensors(spec: TinySpec, vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
             yield p + "attention_norm.weight", norm()
             yield p + "ffn_norm.weight", norm()
     yield "model.norm.weight", norm()
-    yield ("lm_head.weight" if llama else "output.weight"), lin(vocab, h, gain=2.0)
+    if spec.reward:   # the published reward layout: a [1, hidden] value head, no LM head
+        yield "v_head.weight", lin(1, h, gain=2.0)
+    else:
+        yield ("lm_head.weight" if llama else "output.weight"), lin(vocab, h, gain=2.0)
 
 
 def _shard_sizes(spec: TinySpec, vocab: int) -> int:
     h, f, kv = spec.hidden_size, spec.intermediate_size, spec.num_key_value_heads
     d = h // spec.num_attention_heads
     per_layer = (spec.num_attention_heads + 2 * kv) * d * h + h * h + 3 * h * f + 2 * h
-    numel = 2 * vocab * h + spec.num_hidden_layers * per_layer + h
+    heads_out = h if spec.reward else vocab * h
+    numel = vocab * h + heads_out + spec.num_hidden_layers * per_layer + h
     return numel * DTYPE_BYTES[spec.dtype]
 
 
@@ -123,6 +131,9 @@ def config_json(spec: TinySpec, vocab: int) -> dict:
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "initializer_range": 0.02,
         "use_cache": True, "transformers_version": "4.41.0",
     }
+    if spec.reward:
+        cfg["architectures"] = ["InternLM2ForRewardModel"]
+        cfg["reward_token_id"] = REWARD_TOKEN_ID if vocab > REWARD_TOKEN_ID else vocab - 1
     if spec.layout == "internlm2":  # as published: remote code we must never run
         cfg["auto_map"] = {"AutoConfig": "configuration_internlm2.InternLM2Config",
                            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}

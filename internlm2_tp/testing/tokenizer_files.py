@@ -22,6 +22,7 @@ from typing import Any
 import sentencepiece as spm
 
 from internlm2_tp.errors import MissingFileError
+from internlm2_tp.tokenizer import load_sentencepiece
 from internlm2_tp.tokenizer_config import (CONFIG_FILE, MODEL_FILE, SPECIAL_TOKEN_PIECES,
                                            special_token_ids)
 
@@ -138,11 +139,11 @@ def write_tokenizer_files(out_dir: str | Path, model_path: str | Path | None = N
     dst = out / MODEL_FILE
     if src is not None:
         shutil.copyfile(src, dst)
-        sp = spm.SentencePieceProcessor(model_file=str(dst))
+        sp = load_sentencepiece(dst)
         special = special_token_ids(sp)
     else:
         special = train_fallback_model(dst)
-        sp = spm.SentencePieceProcessor(model_file=str(dst))
+        sp = load_sentencepiece(dst)
     config = tokenizer_config(special)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return sp.get_piece_size()

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from internlm2_tp.checkpoint import IGNORED_SUFFIXES, CheckpointReader
-from internlm2_tp.config import LAYOUTS, ModelConfig
+from internlm2_tp.config import ModelConfig
 from internlm2_tp.errors import CheckpointError
 from internlm2_tp.model import WEIGHT_NAMES
 
@@ -34,7 +34,7 @@ ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
 COPIED = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
           "generation_config.json")
 INDEX = "model.safetensors.index.json"
-ARCH = {v: k for k, v in LAYOUTS.items()}
+ARCH = {"internlm2": "InternLM2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
 class ConvertError(CheckpointError):
@@ -265,6 +265,9 @@ def convert(to: str, input: str | Path, output: str | Path, overwrite: bool = Fa
         raise ConvertError(f"{raw_path}: bias=true checkpoints cannot be converted (the layouts "
                            f"carry no bias tensors and no published InternLM2 has them)")
     cfg = ModelConfig.from_dir(inp)
+    if cfg.task != "generate":
+        raise ConvertError(f"{raw_path}: a {cfg.task} model (InternLM2ForRewardModel) cannot be "
+                           "converted: the Llama layout has no v_head")
     reader = CheckpointReader(inp)
     want = {"llama": "internlm2", "internlm2": "llama"}.get(to)
     if want and cfg.layout != want:

@@ -12,7 +12,7 @@ loading; the rest is headroom for activations and the runtime).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from internlm2_tp.config import ModelConfig, RopeScaling, check_tp, kv_heads_per_rank
 from internlm2_tp.engine.cache_plan import (KV_UTILIZATION, context_len, kv_budget_bytes,
@@ -40,6 +40,17 @@ PRESETS: dict[str, ModelConfig] = {
     f"internlm2-{'chat-' if chat else ''}{size}": _preset(size, chat)
     for size in _SHAPES for chat in (False, True)}
 
+# InternLM2.5 chat models (config.json of each): the same shapes and layout, other RoPE settings
+# (size, rope_theta, dynamic factor, max_position_embeddings).
+_V2_5 = {"internlm2_5-1_8b-chat": ("1_8b", 1e6, 2.0, 32768),
+         "internlm2_5-7b-chat": ("7b", 1e6, 2.0, 32768),
+         "internlm2_5-7b-chat-1m": ("7b", 5e7, 2.5, 262144),
+         "internlm2_5-20b-chat": ("20b", 5e7, 2.5, 32768)}
+for _name, (_size, _theta, _factor, _max_pos) in _V2_5.items():
+    PRESETS[_name] = replace(_preset(_size, True), rope_theta=_theta,
+                             rope_scaling=RopeScaling("dynamic", _factor),
+                             max_position_embeddings=_max_pos, source=f"preset {_name}")
+
 
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
@@ -61,7 +72,9 @@ def weight_params(cfg: ModelConfig, tp: int) -> dict[str, int]:
     return {"layers": cfg.num_hidden_layers * per_layer,
             "norms": (2 * cfg.num_hidden_layers + 1) * h,     # replicated on every rank
             "embedding": vocab_rows * h,
-            "output": vocab_rows * h}                        # untied: its own copy, even if tied
+            # untied: its own copy, even if tied; a reward model's v_head: one fp32 row, counted
+            # at the run's dtype (a rounding error of one row)
+            "output": vocab_rows * h if cfg.task == "generate" else h}
 
 
 @dataclass(frozen=True)
