@@ -39,6 +39,8 @@ class Sequence:
     token_logprobs: list[float] | None = None       # of each output token, when asked
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None  # [prompt_len], entry 0 None, when asked
+    matcher: Any = None              # llguidance matcher of its constraint (fed its output_ids)
+    error: str | None = None         # why it finished with "error"
 
     @property
     def prompt_len(self) -> int:
