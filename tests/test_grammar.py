@@ -151,15 +151,15 @@ def ckpt(make_ckpt, real_tokenizer):
 @pytest.mark.slow
 def test_constrained_rows_conform_and_tp1_tp2_agree(ckpt, tok) -> None:
     """Greedy and seeded rows, n=2 samples, a cache small enough to preempt: every constrained
-    completion conforms and ends with stop; tp 2 and a roomy cache give the same tokens."""
+    completion conforms and ends with stop; tp 2 with a roomy cache (no preemption) gives the
+    same tokens."""
     reqs = _requests(tok)
     tight1, stats = run_ranks(rank_generate, 1, str(ckpt), reqs, TIGHT, torch.float32, True)[0]
     assert stats["preemptions"] > 0, "the small cache should have preempted a row"
     _check(tok, reqs, tight1)
     assert len({tuple(ids) for rid, ids, _ in tight1 if rid == 8}) == 2   # two samples differ
-    tight2, _ = run_ranks(rank_generate, 2, str(ckpt), reqs, TIGHT, torch.float32, True)[0]
-    roomy1, _ = run_ranks(rank_generate, 1, str(ckpt), reqs, {}, torch.float32, True)[0]
-    assert tight2 == tight1 and roomy1 == tight1
+    roomy2, stats2 = run_ranks(rank_generate, 2, str(ckpt), reqs, {}, torch.float32, True)[0]
+    assert stats2["preemptions"] == 0 and roomy2 == tight1
 
 
 @pytest.mark.slow
