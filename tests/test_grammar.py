@@ -13,7 +13,7 @@ import torch
 from _mp import run_ranks
 from _ranks import rank_generate
 from internlm2_tp.engine.grammar import Grammars, constraint_error, token_bytes
-from internlm2_tp.engine.grammar_mask import MaskFiller, allowed, apply
+from internlm2_tp.engine.grammar_mask import MaskFiller, apply, forbidden, forbidden_by_shifts
 from internlm2_tp.engine.params import SamplingParams
 from internlm2_tp.tokenizer import Tokenizer
 from internlm2_tp.tokenizer_config import TokenizerConfig
@@ -99,7 +99,8 @@ def test_mask_bits_unpack_on_any_shard_boundary() -> None:
     want = torch.tensor([[(int(bitmask[r, i // 32]) >> (i % 32)) & 1 for i in range(vocab)]
                          for r in range(rows)], dtype=torch.bool)
     for start, end in ((0, vocab), (13, 151), (151, 301), (7, 8)):
-        assert torch.equal(allowed(bitmask, start, end), want[:, start:end])
+        assert torch.equal(forbidden(bitmask, start, end), ~want[:, start:end])   # host: numpy
+        assert torch.equal(forbidden_by_shifts(bitmask, start, end), ~want[:, start:end])
     # A tp=2 rank's shard [151, 301) of 5 rows (padding column last); rows 1, 3 and 4 masked.
     local = torch.randn(5, 151)
     before = local.clone()

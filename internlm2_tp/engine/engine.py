@@ -212,11 +212,13 @@ class Engine:
                 self.scheduler.add(child, first=True)
             seq.forks = []
         emit = [i for i, s in enumerate(sampled) if s.params.max_new_tokens > 0]
-        if masks is not None:   # before the pick and the log-probabilities: both see the mask
+        # Log-probabilities are the model's, before a constraint's mask: taken first (a copy).
+        scored = local[emit] if any(sampled[i].params.logprobs >= 0 for i in emit) else None
+        if masks is not None:
             self._constrained.mask(local, masks)
         tokens = self._pick(local[:b], sampled, emit)
-        if any(sampled[i].params.logprobs >= 0 for i in emit):   # else no [B, vocab] copy
-            score_samples(head, local[emit], [sampled[i] for i in emit], tokens)
+        if scored is not None:   # else no [B, vocab] copy
+            score_samples(head, scored, [sampled[i] for i in emit], tokens)
         return self._advance(sampled, emit, tokens)
 
     def _pick(self, local: torch.Tensor, sampled: list[Sequence], emit: list[int]) -> list[int]:

@@ -11,9 +11,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import llguidance as llg
+import numpy as np
 import torch
-
-_BITS = torch.tensor([[(b >> k) & 1 for k in range(8)] for b in range(256)], dtype=torch.bool)
 
 
 def words(vocab_size: int) -> int:
@@ -40,12 +39,22 @@ class MaskFiller:
         return self._thread.submit(self.fill, list(matchers))
 
 
-def allowed(bitmask: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """[R, words] int32 -> [R, end - start] bool: which ids of [start, end) the mask allows."""
-    lo, hi = start // 8, (end + 7) // 8
-    byte = bitmask.view(torch.uint8)[:, lo:hi].long()                     # [R, bytes] (little-endian)
-    bits = _BITS.to(bitmask.device)[byte].reshape(bitmask.shape[0], -1)   # [R, 8 * bytes]
-    return bits[:, start - 8 * lo: end - 8 * lo]
+def forbidden(bitmask: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """[R, words] int32 -> [R, end - start] bool: which ids of [start, end) the mask forbids.
+    On the host numpy unpacks the bits (one pass over R * V bytes); on a device, shifts there."""
+    if bitmask.device.type == "cpu":
+        lo, hi = start // 8, (end + 7) // 8
+        inverted = ~bitmask.numpy().view(np.uint8)[:, lo:hi]             # little-endian bytes
+        bits = np.unpackbits(inverted, axis=1, bitorder="little")       # [R, 8 * bytes] 0/1
+        return torch.from_numpy(bits[:, start - 8 * lo: end - 8 * lo]).view(torch.bool)
+    return forbidden_by_shifts(bitmask, start, end)
+
+
+def forbidden_by_shifts(bitmask: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """forbidden() in torch ops, on the bitmask's own device."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1                          # [R, words, 32]
+    return bits.view(bitmask.shape[0], -1)[:, start:end] == 0
 
 
 @torch.inference_mode()   # the model's logits are inference tensors
@@ -55,13 +64,12 @@ def apply(local: torch.Tensor, rows: list[int], bitmask: torch.Tensor, start: in
     shard (ids [start, end), then padding); rows: the B indices of the mask's R rows."""
     if end <= start or not rows:
         return
-    ok = allowed(to_device(bitmask, local.device), start, end)           # [R, end - start]
+    no = forbidden(to_device(bitmask, local.device), start, end)         # [R, end - start]
     if rows == list(range(local.shape[0])):
-        local[:, : end - start].masked_fill_(~ok, float("-inf"))
+        local[:, : end - start].masked_fill_(no, float("-inf"))
         return
-    idx = to_device(torch.tensor(rows, dtype=torch.long), local.device)
-    sub = local[idx, : end - start]
-    local[idx, : end - start] = sub.masked_fill_(~ok, float("-inf"))
+    for j, r in enumerate(rows):      # in place, row by row: no [R, V] gather and scatter
+        local[r, : end - start].masked_fill_(no[j], float("-inf"))
 
 
 class Constrained:
