@@ -169,3 +169,26 @@ def test_max_new_tokens_first_gives_length(ckpt, tok) -> None:
     (rid, ids, reason), = run_ranks(rank_generate, 1, str(ckpt), reqs, {}, torch.float32,
                                     True)[0][0]
     assert reason == "length" and len(ids) == 3 and tok.decode(ids).startswith('{"name":"')
+
+
+@pytest.mark.slow
+def test_logprobs_are_the_models_before_the_mask(ckpt, tok) -> None:
+    """A constrained row's top log-probabilities at its first token are those of the same prompt
+    unconstrained (the raw distribution), while its token is one the grammar allows."""
+    from _ranks import build_model
+    from internlm2_tp.engine.engine import Engine, EngineConfig
+    from internlm2_tp.parallel.group import destroy_tp_group
+
+    model = build_model(0, 1, 0, ckpt)
+    try:
+        eng = Engine(model, EngineConfig(), model.cfg.eos_token_id,
+                     Tokenizer.from_dir(ckpt, chat_template="builtin"))
+        prompt = tok.encode("Say yes or no:")
+        free, fixed = eng.generate([
+            (0, prompt, SamplingParams(max_new_tokens=2, logprobs=3)),
+            (1, prompt, SamplingParams(max_new_tokens=8, logprobs=3, choice=("yes", "no")))])
+    finally:
+        destroy_tp_group(model.tp)
+    assert fixed.top_logprobs[0] == free.top_logprobs[0]
+    assert tok.decode(fixed.output_ids) in ("yes", "no") and fixed.finish_reason == "stop"
+    assert len(fixed.token_logprobs) == len(fixed.output_ids)
