@@ -187,6 +187,9 @@ def test_logprobs_are_the_models_before_the_mask(ckpt, tok) -> None:
         free, fixed = eng.generate([
             (0, prompt, SamplingParams(max_new_tokens=2, logprobs=3)),
             (1, prompt, SamplingParams(max_new_tokens=8, logprobs=3, choice=("yes", "no")))])
+        with pytest.raises(ValueError, match=r"row id 9: regex: .*unclosed group"):
+            eng.add_request(9, prompt, SamplingParams(regex="("))   # the worker's error row
+        assert not eng.has_work()
     finally:
         destroy_tp_group(model.tp)
     assert fixed.top_logprobs[0] == free.top_logprobs[0]

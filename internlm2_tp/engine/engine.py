@@ -92,8 +92,9 @@ class Engine:
                              "prompts are not truncated")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"row id {request_id!r}: stop strings need the engine's tokenizer")
-        if params.constraint is not None:
-            self._grammar_check(request_id, params)
+        if params.constraint is not None and self.tokenizer is None:
+            raise ValueError(f"row id {request_id!r}: {params.constraint[0]} needs the engine's "
+                             "tokenizer")
         seqs = [self._sequence(request_id, prompt_ids, params, i)
                 for i in (range(params.n) if samples is None else samples)]
         assert seqs, f"row id {request_id!r}: no sample asked for"
@@ -112,7 +113,7 @@ class Engine:
             from internlm2_tp.tokenizer import IncrementalDetokenizer
             seq.detok = IncrementalDetokenizer(self.tokenizer)
         if params.constraint is not None:
-            seq.matcher = self.constrained.grammars.matcher(*params.constraint)
+            seq.matcher = self.constrained.matcher(request_id, params)   # ValueError: the row's
         self._next_id += 1
         return seq
 
@@ -123,16 +124,6 @@ class Engine:
             self._constrained = Constrained(self.tokenizer, self.facts.eos_ids, head.vocab,
                                             head.start, head.end, self.model.platform.to_device)
         return self._constrained
-
-    def _grammar_check(self, request_id: Any, params: SamplingParams) -> None:
-        """A constraint this rank cannot compile is the row's error (a ValueError naming it)."""
-        kind = params.constraint[0]
-        if self.tokenizer is None:
-            raise ValueError(f"row id {request_id!r}: {kind} needs the engine's tokenizer")
-        try:
-            self.constrained.grammars.matcher(*params.constraint)
-        except ValueError as e:
-            raise ValueError(f"row id {request_id!r}: {kind}: {e}") from None
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

@@ -85,6 +85,15 @@ class Constrained:
         self.filler = MaskFiller(vocab_size)
         self.start, self.end, self.to_device = start, end, to_device
 
+    def matcher(self, request_id: Any, params: Any) -> Any:
+        """A new matcher for a request's constraint; one that does not compile on this rank is
+        the row's error (a ValueError naming the row and the field)."""
+        kind, value = params.constraint
+        try:
+            return self.grammars.matcher(kind, value)
+        except ValueError as e:
+            raise ValueError(f"row id {request_id!r}: {kind}: {e}") from None
+
     def begin(self, sampled: Sequence[Any]) -> tuple[list[int], Future] | None:
         """Start the masks of the rows of `sampled` that have a matcher and emit a token."""
         rows = [i for i, s in enumerate(sampled)
