@@ -82,7 +82,7 @@ class Constrained:
         from internlm2_tp.engine.grammar import Grammars
         self.grammars = Grammars(tokenizer, eos_ids, vocab_size)
         self.eos_ids = frozenset(int(i) for i in eos_ids)
-        self.filler = MaskFiller(vocab_size)
+        self.filler = MaskFiller(self.grammars.vocab_size)   # the larger of model and tokenizer
         self.start, self.end, self.to_device = start, end, to_device
 
     def matcher(self, request_id: Any, params: Any) -> Any:
