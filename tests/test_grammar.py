@@ -195,3 +195,13 @@ def test_logprobs_are_the_models_before_the_mask(ckpt, tok) -> None:
     assert fixed.top_logprobs[0] == free.top_logprobs[0]
     assert tok.decode(fixed.output_ids) in ("yes", "no") and fixed.finish_reason == "stop"
     assert len(fixed.token_logprobs) == len(fixed.output_ids)
+
+
+def test_the_compile_cache_is_bounded(grammars, monkeypatch) -> None:
+    import internlm2_tp.engine.grammar as grammar
+    monkeypatch.setattr(grammar, "MAX_TEMPLATES", 2)
+    before = grammars.compiled
+    for v in ("a", "b", "a", "c", "a"):      # "b" is the least recently used when "c" comes
+        grammars.matcher("choice", (v,))
+    grammars.matcher("choice", ("b",))
+    assert grammars.compiled == before + 4 and len(grammars._templates) == 2

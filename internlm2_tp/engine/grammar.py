@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import llguidance as llg
@@ -23,6 +24,7 @@ from internlm2_tp.engine.params import CONSTRAINTS
 # matcher (and every rerun's) accepts the same compact text.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 _UNUSED_PIECE = re.compile(r"\[UNUSED_TOKEN_\d+\]")
+MAX_TEMPLATES = 256                # compiled constraints a rank keeps
 _SPECIAL_PREFIX = b"\xff"           # llguidance's mark of a special token: never grammar text
 
 
@@ -107,7 +109,8 @@ class Grammars:
         # eos_token lists every eos id: each is allowed exactly where the grammar may end.
         self.tokenizer = llg.LLTokenizer(wrapper, n_vocab=self.vocab_size,
                                          eos_token=[int(i) for i in eos_ids])
-        self._templates: dict[tuple[str, Any], llg.LLMatcher] = {}
+        # Least recently used first; bounded, as rows may each bring a schema of their own.
+        self._templates: OrderedDict[tuple[str, Any], llg.LLMatcher] = OrderedDict()
         self.compiled = 0          # distinct constraints compiled (the cache's misses)
 
     def matcher(self, kind: str, value: Any) -> llg.LLMatcher:
@@ -120,4 +123,7 @@ class Grammars:
                 raise ValueError(" ".join(template.get_error().split()))
             self._templates[key] = template
             self.compiled += 1
+            while len(self._templates) > MAX_TEMPLATES:
+                self._templates.popitem(last=False)
+        self._templates.move_to_end(key)
         return template.deep_copy()
