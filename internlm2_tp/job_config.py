@@ -112,16 +112,43 @@ class GenerationSection:
     n: int = 1                            # samples per row (temperature > 0); adds sample_index
     logprobs: int = -1                    # >= 0 adds token_logprobs; K > 0 adds top_logprobs
     prompt_logprobs: bool = False         # adds prompt_token_logprobs (max_new_tokens=0: scoring)
+    json_schema: str = ""                 # structured output: a JSON Schema (inline JSON or a .json file)
+    regex: str = ""                       # structured output: the completion matches this regex
+    choice: list[str] = field(default_factory=list)        # structured output: one of these
 
     def __post_init__(self) -> None:
         try:
-            self.sampling_params()
+            params = self.sampling_params()
         except ValueError as e:  # name the setting the user wrote, not the engine's class
-            raise JobConfigError(str(e).replace("SamplingParams.", "generation.")) from e
+            msg = str(e).replace("SamplingParams.", "generation.")
+            raise JobConfigError(msg.replace("SamplingParams: ", "generation: ")) from e
+        if params.constraint is not None:   # compiled now: a bad one stops before any load
+            from internlm2_tp.engine.grammar import constraint_error
+            kind, value = params.constraint
+            err = constraint_error(kind, value)
+            if err:
+                raise JobConfigError(f"generation.{kind} does not compile: {err}")
 
     def sampling_params(self) -> SamplingParams:
-        """The job's sampling parameters (the fields are SamplingParams' own)."""
-        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(self)})
+        """The job's sampling parameters (the fields are SamplingParams' own); json_schema read
+        from its file when it names one."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["json_schema"] = _schema_text(self.json_schema)
+        return SamplingParams(**values)
+
+
+def _schema_text(value: str) -> str:
+    """generation.json_schema as JSON text: inline (it starts with '{'), else a file's."""
+    if not value.strip() or value.lstrip().startswith("{"):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise JobConfigError(f"generation.json_schema: {value!r} is neither inline JSON (an object "
+                             "starting with '{') nor an existing .json file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobConfigError(f"generation.json_schema: cannot read {path} ({e})") from None
 
 
 def check_reward_generation(g: GenerationSection) -> None:

@@ -108,12 +108,15 @@ def rank_load_rss(rank: int, world: int, port: int, ckpt: str) -> dict[str, int]
 
 
 def rank_generate(rank: int, world: int, port: int, ckpt: str, requests: list, engine_kw: dict,
-                  dtype: torch.dtype = torch.float32) -> list | None:
-    """Run an Engine over `requests` [(id, prompt_ids, SamplingParams)] on this rank."""
+                  dtype: torch.dtype = torch.float32, tokenizer: bool = False) -> list | None:
+    """Run an Engine over `requests` [(id, prompt_ids, SamplingParams)] on this rank
+    (`tokenizer`: with the checkpoint's, for stop strings and structured output)."""
     from internlm2_tp.engine.engine import Engine, EngineConfig
+    from internlm2_tp.tokenizer import Tokenizer
 
     model = build_model(rank, world, port, ckpt, dtype)
-    engine = Engine(model, EngineConfig(**engine_kw), model.cfg.eos_token_id)
+    tok = Tokenizer.from_dir(ckpt, chat_template="builtin") if tokenizer else None
+    engine = Engine(model, EngineConfig(**engine_kw), model.cfg.eos_token_id, tok)
     out = engine.generate(requests)
     stats = {"preemptions": engine.scheduler.num_preemptions,
              "prefix_hits": engine.blocks.prefix_hit_tokens, "steps": engine.steps}

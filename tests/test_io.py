@@ -73,6 +73,8 @@ def test_no_prompt_column_lists_found_and_expected(tmp_path: Path) -> None:
     ("temperature", pa.array(["hot", "cold"]), "float"),
     ("max_new_tokens", pa.array([1.5, 2.0]), "integer"),
     ("seed", pa.array([1.0, 2.0]), "integer"),
+    ("json_schema", pa.array([{"type": "object"}] * 2), "string"),
+    ("choice", pa.array(["yes", "no"]), "list<string>"),
 ])
 def test_wrong_column_types(tmp_path: Path, col: str, arr: pa.Array, expected: str) -> None:
     data = {"id": pa.array([1, 2]), col: arr}

@@ -54,6 +54,31 @@ def test_bad_override_names_key(override, culprit):
         load_job_config(YAML, [override])
 
 
+@pytest.mark.parametrize("override,says", [
+    ("generation.json_schema='{\"type\": \"array\", \"uniqueItems\": true}'",
+     "generation.json_schema does not compile: Unimplemented keys: [\"uniqueItems\"]"),
+    ("generation.json_schema='{\"type\": '", "generation.json_schema does not compile: not valid JSON"),
+    ("generation.json_schema=missing.json", "neither inline JSON"),
+    ("generation.regex='\"a[\"'", "generation.regex does not compile: .*unclosed character class"),
+    ("generation.choice=['']", "generation.choice must hold distinct non-empty strings"),
+])
+def test_a_bad_constraint_stops_the_job_naming_the_key(override, says):
+    with pytest.raises(JobConfigError, match=says.replace("[", r"\[").replace("]", r"\]")):
+        load_job_config(YAML, [override])
+
+
+def test_constraint_keys(tmp_path):
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object", "properties": {"a": {"type": "integer"}}}')
+    cfg = load_job_config(YAML, [f"generation.json_schema={schema}"])
+    assert cfg.generation.sampling_params().json_schema == schema.read_text()
+    # Quoted: YAML reads a bare yes / no as a boolean (OmegaConf then makes it "True").
+    assert load_job_config(YAML, ["generation.choice=['yes','no']"]).generation.sampling_params(
+        ).constraint == ("choice", ("yes", "no"))
+    with pytest.raises(JobConfigError, match="generation: regex and choice are both set"):
+        load_job_config(YAML, ["generation.choice=[yes,no]", "generation.regex=x"])
+
+
 def test_loading_the_config_imports_no_torch():
     """The job's settings are read and checked before anything heavy: no torch, no model."""
     code = ("import sys; from internlm2_tp.job_config import load_job_config; "

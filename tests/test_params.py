@@ -34,7 +34,17 @@ def test_every_field_has_one_rule_and_overrides_are_fields():
     assert set(ROW_OVERRIDES) <= set(RULES)
     assert ROW_OVERRIDES == ("max_new_tokens", "temperature", "top_p", "top_k", "seed",
                              "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "n",
-                             "logprobs")
+                             "logprobs", "json_schema", "regex", "choice")
+
+
+def test_at_most_one_constraint():
+    assert SamplingParams().constraint is None
+    assert SamplingParams(choice=["a", "b"]).constraint == ("choice", ("a", "b"))
+    assert SamplingParams(regex="x+").constraint == ("regex", "x+")
+    with pytest.raises(ValueError, match="json_schema and regex are both set"):
+        SamplingParams(json_schema="{}", regex="x")
+    with pytest.raises(ValueError, match="SamplingParams.choice must hold distinct non-empty"):
+        SamplingParams(choice=["a", "a"])
 
 
 def test_scoring_only_and_samples():

@@ -113,3 +113,22 @@ def test_finished_rows_carry_sample_index_and_logprobs(tok: Tokenizer) -> None:
     assert r.top_logprobs == [[{"token_id": 5, "logprob": -0.5}], [{"token_id": 4, "logprob": -0.9}]]
     with pytest.raises(ValueError, match="prompt_token_logprobs must have one entry"):
         finished_row(3, 3, [5], "length", None, tok, (2,), prompt_token_logprobs=[None, -2.0])
+
+
+def test_a_rows_constraint_replaces_the_jobs_and_is_checked(tok: Tokenizer) -> None:
+    """Issue 24: a row's json_schema / regex / choice column replaces the job's constraint; a
+    row whose constraint does not compile, or that sets two, is an error row naming the
+    column(s); the others keep the job's."""
+    job = SamplingParams(max_new_tokens=16, regex="[0-9]+")
+    plain = to_request(row(1, prompt="a"), tok, job, tok.vocab_size)
+    assert plain.params.constraint == ("regex", "[0-9]+")
+    own = to_request(row(2, prompt="a", overrides={"choice": ("yes", "no")}), tok, job,
+                     tok.vocab_size)
+    assert own.params.constraint == ("choice", ("yes", "no")) and own.params.regex == ""
+    bad = to_request(row(3, prompt="a", overrides={"json_schema": '{"type": "object", "not": {}}'}),
+                     tok, job, tok.vocab_size)
+    assert bad[0].finish_reason == "error" and "row id 3" in bad[0].error
+    assert "column 'json_schema'" in bad[0].error and "not" in bad[0].error
+    two = to_request(row(4, prompt="a", overrides={"regex": "x", "choice": ("y",)}), tok, job,
+                     tok.vocab_size)
+    assert "columns ['regex', 'choice'] are set together" in two[0].error

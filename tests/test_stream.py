@@ -161,6 +161,20 @@ def test_jsonl_bad_lines_are_error_rows_naming_file_and_line(tmp_path: Path) -> 
     assert [r.id for r in all_rows(str(f), skip=skip)] == ["b", "d", "e", "f", "g"]
 
 
+def test_jsonl_constraint_columns(tmp_path: Path) -> None:
+    """Issue 24: json_schema / regex (strings) and choice (an array of strings) in JSON Lines."""
+    f = write_lines(tmp_path / "c.jsonl",
+                    {"id": 1, "prompt": "x", "json_schema": '{"type": "object"}'},
+                    {"id": 2, "prompt": "x", "choice": ["yes", "no"], "regex": None},
+                    {"id": 3, "prompt": "x", "json_schema": {"type": "object"}},
+                    {"id": 4, "prompt": "x", "choice": "yes"})
+    rows = {r.id: r for r in all_rows(str(f))}
+    assert rows[1].overrides == {"json_schema": '{"type": "object"}'}
+    assert rows[2].overrides == {"choice": ("yes", "no")}
+    assert "column 'json_schema' is an object, expected a string" in rows[3].error
+    assert "column 'choice' is a string, expected a list of strings" in rows[4].error
+
+
 def test_jsonl_streaming_memory_is_bounded(tmp_path: Path) -> None:
     n, pad = 100_000, "x" * 500   # ~50 MB of lines: materialising them would blow the budget
     path = tmp_path / "big.jsonl"

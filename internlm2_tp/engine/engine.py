@@ -19,6 +19,7 @@ from internlm2_tp.attention import AttentionMetadata
 from internlm2_tp.engine.cache_plan import (RuntimeFacts, kv_budget_bytes, kv_bytes_per_token,
                                             max_model_len, num_kv_blocks)
 from internlm2_tp.engine.config import EngineConfig
+from internlm2_tp.engine.grammar_mask import Constrained
 from internlm2_tp.engine.kv_cache import BlockManager, allocate_kv_caches, zero_new_blocks
 from internlm2_tp.engine.params import sample_seed
 from internlm2_tp.engine.sampler import BatchSamplingState, SamplingParams, sample
@@ -72,6 +73,7 @@ class Engine:
         self.tokens_generated = 0
         self.work = RunWork()           # what the steps computed (the benchmark's roofline)
         self.tokens_computed = 0          # tokens run through the model (prompts, chunks, decodes)
+        self._constrained: Constrained | None = None   # structured output, built on first use
 
     def add_request(self, request_id: Any, prompt_ids: list[int], params: SamplingParams,
                     samples: tuple[int, ...] | None = None) -> None:
@@ -94,6 +96,9 @@ class Engine:
                              "logprobs and prompt_logprobs do not apply")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"row id {request_id!r}: stop strings need the engine's tokenizer")
+        if params.constraint is not None and self.tokenizer is None:
+            raise ValueError(f"row id {request_id!r}: {params.constraint[0]} needs the engine's "
+                             "tokenizer")
         seqs = [self._sequence(request_id, prompt_ids, params, i)
                 for i in (range(params.n) if samples is None else samples)]
         assert seqs, f"row id {request_id!r}: no sample asked for"
@@ -111,8 +116,18 @@ class Engine:
         if params.stop and self.tokenizer is not None:
             from internlm2_tp.tokenizer import IncrementalDetokenizer
             seq.detok = IncrementalDetokenizer(self.tokenizer)
+        if params.constraint is not None:
+            seq.matcher = self.constrained.matcher(request_id, params)   # ValueError: the row's
         self._next_id += 1
         return seq
+
+    @property
+    def constrained(self) -> Constrained:
+        if self._constrained is None:
+            head = self.model.output
+            self._constrained = Constrained(self.tokenizer, self.facts.eos_ids, head.vocab,
+                                            head.start, head.end, self.model.platform.to_device)
+        return self._constrained
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -168,6 +183,8 @@ class Engine:
         if not step.seqs:
             return []
         input_ids, meta, sampled, targets = self._metadata(step)
+        # The constrained rows' masks are filled on a side thread during the forward.
+        masks = self._constrained.begin(sampled) if self._constrained is not None else None
         zero_new_blocks(self.kv_caches, self._zeroed, self.blocks.high_water)
         self._zeroed = max(self._zeroed, self.blocks.high_water)
         # Run even when no sequence samples (all mid-prefill chunks): the cache must be filled.
@@ -192,9 +209,13 @@ class Engine:
                 self.scheduler.add(child, first=True)
             seq.forks = []
         emit = [i for i, s in enumerate(sampled) if s.params.max_new_tokens > 0]
+        # Log-probabilities are the model's, before a constraint's mask: taken first (a copy).
+        scored = local[emit] if any(sampled[i].params.logprobs >= 0 for i in emit) else None
+        if masks is not None:
+            self._constrained.mask(local, masks)
         tokens = self._pick(local[:b], sampled, emit)
-        if any(sampled[i].params.logprobs >= 0 for i in emit):   # else no [B, vocab] copy
-            score_samples(head, local[emit], [sampled[i] for i in emit], tokens)
+        if scored is not None:   # else no [B, vocab] copy
+            score_samples(head, scored, [sampled[i] for i in emit], tokens)
         return self._advance(sampled, emit, tokens)
 
     def _rewards(self, sampled: list[Sequence], scores: torch.Tensor) -> list[Finished]:
@@ -246,7 +267,7 @@ class Engine:
         first = seq.first_token_at or now
         return Finished(seq.request_id, seq.prompt_len, seq.output_ids, reason, stop_text,
                         ttft_s=first - seq.arrival, latency_s=now - seq.arrival,
-                        sample_index=seq.sample_index,
+                        sample_index=seq.sample_index, error=seq.error,
                         token_logprobs=seq.token_logprobs, top_logprobs=seq.top_logprobs,
                         prompt_logprobs=seq.prompt_logprobs, reward=seq.reward)
 
@@ -266,7 +287,11 @@ class Engine:
 
     def _stop(self, seq: Sequence, tok: int) -> tuple[str | None, str | None]:
         p = seq.params
-        if not p.ignore_eos and tok in self.facts.eos_ids:
+        if seq.matcher is not None:   # eos is allowed only where the grammar may end
+            ended = self.constrained.advance(seq, tok)
+            if ended:
+                return ended, None
+        elif not p.ignore_eos and tok in self.facts.eos_ids:
             return "stop", None
         if tok in p.stop_token_ids:
             return "stop", None

@@ -42,6 +42,7 @@ INTEGER = Kind("an integer", _is_int, lambda v: _is_int(v) or (_is_num(v) and fl
 NUMBER = Kind("a number", _is_num, _is_num, float)
 BOOLEAN = Kind("a boolean", lambda v: isinstance(v, bool), lambda v: isinstance(v, bool), bool)
 INTEGER_LIST = Kind("a list of integers", _seq_of(_is_int), _seq_of(_is_int), tuple)
+STRING = Kind("a string", lambda v: isinstance(v, str), lambda v: isinstance(v, str), str)
 STRING_LIST = Kind("a list of strings", _seq_of(lambda x: isinstance(x, str)),
                    _seq_of(lambda x: isinstance(x, str)), tuple)
 
@@ -73,12 +74,19 @@ RULES: dict[str, Rule] = {
     "logprobs": Rule(INTEGER, lambda v: -1 <= v <= MAX_LOGPROBS,
                      f"must be in [-1, {MAX_LOGPROBS}] (-1: off, 0: the sampled token's only)"),
     "prompt_logprobs": Rule(BOOLEAN),
+    # Structured output (engine/grammar.py); "" / () is none. Whether one compiles is the
+    # compiler's to say: the job's at configuration time, a row's when the row is read.
+    "json_schema": Rule(STRING),
+    "regex": Rule(STRING),
+    "choice": Rule(STRING_LIST, lambda v: all(v) and len(set(v)) == len(v),
+                   "must hold distinct non-empty strings"),
 }
+CONSTRAINTS: tuple[str, ...] = ("json_schema", "regex", "choice")   # at most one per request
 
 # Fields a row may set in a column of its own (the column is named as the field).
 ROW_OVERRIDES: tuple[str, ...] = ("max_new_tokens", "temperature", "top_p", "top_k", "seed",
                                   "repetition_penalty", "stop", "stop_token_ids", "ignore_eos",
-                                  "n", "logprobs")
+                                  "n", "logprobs", *CONSTRAINTS)
 
 
 def rule_error(name: str, value: Any) -> str | None:
@@ -110,12 +118,15 @@ class SamplingParams:
     n: int = 1                        # samples of the row (sample i's seed: sample_seed)
     logprobs: int = -1                # -1 off; >= 0 the sampled tokens'; K > 0 also the top K
     prompt_logprobs: bool = False     # the log-probability of every prompt token
+    json_schema: str = ""             # the completion is JSON valid under this schema (its text)
+    regex: str = ""                   # the whole completion matches this regular expression
+    choice: tuple[str, ...] = ()      # the completion is exactly one of these
 
     def __post_init__(self) -> None:
         # Accept lists (and a bare stop string); store tuples so the dataclass stays hashable.
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        for name in ("stop", "stop_token_ids"):
+        for name in ("stop", "stop_token_ids", "choice"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for f in fields(self):
@@ -125,10 +136,19 @@ class SamplingParams:
         if self.n > 1 and self.greedy:
             raise ValueError(f"SamplingParams.n={self.n} needs temperature > 0: greedy samples "
                              "would all be the same")
+        given = [c for c in CONSTRAINTS if getattr(self, c)]
+        if len(given) > 1:
+            raise ValueError(f"SamplingParams: {' and '.join(given)} are both set; give at most "
+                             f"one of {', '.join(CONSTRAINTS)}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def constraint(self) -> tuple[str, str | tuple[str, ...]] | None:
+        """(field name, value) of the structured-output constraint, or None."""
+        return next(((c, getattr(self, c)) for c in CONSTRAINTS if getattr(self, c)), None)
 
 
 def sample_seed(seed: int, sample_index: int) -> int:

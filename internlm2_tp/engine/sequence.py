@@ -40,6 +40,8 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None  # [prompt_len], entry 0 None, when asked
     reward: float | None = None      # a reward model's score of the whole prompt
+    matcher: Any = None              # llguidance matcher of its constraint (fed its output_ids)
+    error: str | None = None         # why it finished with "error"
 
     @property
     def prompt_len(self) -> int:

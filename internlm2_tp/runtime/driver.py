@@ -78,11 +78,14 @@ def fingerprint(cfg: JobConfig, mcfg: ModelConfig, tok: Tokenizer | None = None,
 
 
 # Generation keys added after outputs were first written: fingerprinted only when set.
-_LATER_GENERATION_KEYS = {"n": 1, "logprobs": -1, "prompt_logprobs": False}
+_LATER_GENERATION_KEYS = {"n": 1, "logprobs": -1, "prompt_logprobs": False,
+                          "json_schema": "", "regex": "", "choice": []}
 
 
 def _generation_fingerprint(cfg: JobConfig) -> dict:
     g = asdict(cfg.generation)
+    if g["json_schema"]:   # the schema's text: an edited .json file changes the completions
+        g["json_schema"] = cfg.generation.sampling_params().json_schema
     return {k: v for k, v in g.items() if _LATER_GENERATION_KEYS.get(k, object()) != v}
 
 

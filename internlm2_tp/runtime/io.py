@@ -11,7 +11,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from internlm2_tp.engine.params import BOOLEAN, INTEGER, INTEGER_LIST, NUMBER, RULES, STRING_LIST
+from internlm2_tp.engine.params import (BOOLEAN, INTEGER, INTEGER_LIST, NUMBER, RULES, STRING,
+                                        STRING_LIST)
 from internlm2_tp.errors import InputError
 from internlm2_tp.runtime import jsonl
 from internlm2_tp.runtime.input_types import (OVERRIDE_COLUMNS, FileFacts, InputColumns, InputFile,
@@ -25,6 +26,7 @@ _ARROW_KINDS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     INTEGER.name: (pa.types.is_integer, "integer"),
     NUMBER.name: (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t), "float or integer"),
     BOOLEAN.name: (pa.types.is_boolean, "boolean"),
+    STRING.name: (is_str, "string"),
     INTEGER_LIST.name: (lambda t: is_list(t) and pa.types.is_integer(t.value_type), "list<integer>"),
     STRING_LIST.name: (lambda t: is_list(t) and is_str(t.value_type), "list<string>"),
 }

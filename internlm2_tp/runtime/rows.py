@@ -11,7 +11,8 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Any, Collection
 
-from internlm2_tp.engine.params import SamplingParams
+from internlm2_tp.engine.grammar import constraint_error
+from internlm2_tp.engine.params import CONSTRAINTS, SamplingParams
 from internlm2_tp.runtime.input_types import InputRow
 from internlm2_tp.runtime.output import OutputRow
 from internlm2_tp.tokenizer import Tokenizer
@@ -83,12 +84,30 @@ def _request(row: InputRow, tok: Tokenizer, base: SamplingParams, vocab_size: in
     if bad is not None:
         return error_row(row.id, f"row id {row.id!r}: token id {bad} is outside the vocabulary "
                                  f"[0, {vocab_size})", len(ids))
+    err = _constraint_problem(row.overrides)
+    if err:
+        return error_row(row.id, f"row id {row.id!r}: {err}", len(ids))
+    if any(c in row.overrides for c in CONSTRAINTS):   # the row's constraint replaces the job's
+        base = replace(base, json_schema="", regex="", choice=())
     try:   # the row's own values (checked by the reader) over the job's; a seed per row
         params = replace(base, **{"seed": row_seed(base.seed, row.id), **row.overrides})
     except ValueError as e:   # a value out of range with the others (n > 1 when greedy)
         msg = str(e).replace("SamplingParams.", "")
         return error_row(row.id, f"row id {row.id!r}: {msg}", len(ids))
     return Request(row.id, ids, params)
+
+
+def _constraint_problem(overrides: dict[str, Any]) -> str | None:
+    """Why a row's own constraint columns cannot be used (two set, or one that does not
+    compile: the compiler's message), or None. Compiled results are cached by text."""
+    given = [c for c in CONSTRAINTS if overrides.get(c)]
+    if len(given) > 1:
+        return (f"columns {given} are set together; a row takes at most one of "
+                f"{list(CONSTRAINTS)}")
+    if not given:
+        return None
+    err = constraint_error(given[0], overrides[given[0]])
+    return f"column {given[0]!r}: {err}" if err else None
 
 
 def finished_row(row_id: Any, prompt_tokens: int, output_ids: list[int], finish_reason: str,
