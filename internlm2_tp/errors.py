@@ -79,3 +79,12 @@ class GroupFailed(RuntimeError):
 
 class PlacementTimeout(GroupFailed):
     """Ray did not place the group within parallel.timeout_s: retrying would wait again."""
+
+
+class NodeLost(GroupFailed):
+    """The group's node went away (a crash, a spot node taken back): capacity lost, not a failure
+    of the group itself, so it does not count against ray.max_group_restarts."""
+
+    def __init__(self, message: str, node: str = "") -> None:
+        super().__init__(message)
+        self.node = node

@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 
-from internlm2_tp.errors import GroupFailed, PlacementTimeout
+from internlm2_tp.errors import GroupFailed, JobFailed, NodeLost, PlacementTimeout
 from internlm2_tp.job_config import JobConfig
 from internlm2_tp.parallel.platform import cluster_kind
 from internlm2_tp.runtime.interrupts import interrupt_in
@@ -19,7 +19,8 @@ from internlm2_tp.runtime.pool import GroupResult
 from internlm2_tp.runtime.ray_cluster import SLICE_S, connect, worker_runtime_env
 from internlm2_tp.runtime.ray_group import RayGroup, device_resources
 from internlm2_tp.runtime.ray_metrics import RayMetrics
-from internlm2_tp.runtime.ray_placement import check_fits, cpus_per_rank, live_nodes
+from internlm2_tp.runtime.ray_nodes import node_gone
+from internlm2_tp.runtime.ray_placement import check_fits, cpus_per_rank, live_nodes, shape
 from internlm2_tp.runtime.rows import Request
 from internlm2_tp.runtime.worker import WorkerSpec
 
@@ -108,29 +109,72 @@ class RayPool:
         self.groups[g].submit(requests, return_after)
 
     def wait(self) -> GroupResult:
-        """The next group to answer: its finished rows and stats, or the GroupFailed that
-        failed it."""
+        """The next group to answer: its finished rows and stats, the GroupFailed that failed
+        it (NodeLost when its node is gone), or a replacement that is ready (`rejoined`)."""
+        idle_since: float | None = None
         while True:
             owners = {ref: (g, r) for g, grp in enumerate(self.groups) for r, ref in grp.waiting()}
-            if not owners:
+            placing = [g for g in self.groups if g.pending]
+            if not owners and not placing:
                 raise RuntimeError("RayPool.wait() with no run in flight")
-            ready, _ = ray.wait(list(owners), num_returns=1, timeout=self.poll_s)
+            if owners:
+                idle_since = None
+                ready, _ = ray.wait(list(owners), num_returns=1, timeout=self.poll_s)
+            else:   # every group is lost: only replacements can go on with the rows
+                idle_since = idle_since or time.monotonic()
+                self._no_group_left(placing, idle_since)
+                ready = []
+                time.sleep(self.poll_s)
             for ref in ready:
                 g, rank = owners[ref]
                 try:
                     out = self.groups[g].on_ready(rank, ref)
                 except GroupFailed as e:
-                    self.groups[g].kill()
-                    return GroupResult(g, error=e)
+                    return self._failed(g, e)
                 if out is not None:
                     return GroupResult(g, finished=out[0], stats=out[1])
+            for grp in placing:
+                if grp.pending_done():
+                    try:
+                        if grp.advance():
+                            return GroupResult(grp.index, rejoined=True)
+                    except GroupFailed as e:
+                        return self._failed(grp.index, e)
             now = time.monotonic()
             for g, grp in enumerate(self.groups):
                 try:
                     grp.check_health(now)
                 except GroupFailed as e:
-                    grp.kill()
-                    return GroupResult(g, error=e)
+                    return self._failed(g, e)
+
+    def _failed(self, g: int, e: GroupFailed) -> GroupResult:
+        """Kill the failed group; its failure is NodeLost when its node is gone."""
+        grp = self.groups[g]
+        node = grp.node
+        grp.kill()
+        gone = node_gone(node) if not isinstance(e, NodeLost) else None
+        if gone:
+            e = NodeLost(f"group {g} lost with its node: {gone} ({e})", node=node)
+        return GroupResult(g, error=e)
+
+    def _no_group_left(self, placing: list[RayGroup], since: float) -> None:
+        waited = time.monotonic() - since
+        if waited <= self.timeout_s:
+            return
+        needs = "; ".join(f"group {g.index}: {shape(g.bundles())}" for g in placing)
+        raise JobFailed(f"no tensor-parallel group is left and none could be placed within "
+                        f"parallel.timeout_s={self.timeout_s:g}s (waited {waited:.0f}s for Ray "
+                        f"to place {needs}); the rows done so far are saved: rerun the job when "
+                        "the cluster has room")
+
+    def replace(self, g: int) -> None:
+        """Place a replacement for group g without waiting; wait() says when it is ready."""
+        self.groups[g].begin_place()
+
+    def where(self, g: int) -> dict[str, Any]:
+        """The node group g runs on and each rank's visible devices, for the manifest."""
+        grp = self.groups[g]
+        return {"node": grp.node, "devices": list(grp.devices)}
 
     def metrics_sink(self, output: str) -> RayMetrics:
         return RayMetrics(output)
