@@ -138,11 +138,12 @@ def test_groups_spread_over_npu_nodes_each_on_one_node(nodes, make_ckpt, tmp_pat
         assert len(re.findall(rf"group {g['group']} ready on node {g['node'][:8]}", p.stderr)) == 1
 
 
-def test_lost_nodes_spare_then_none(nodes, ckpt, data, reference, tmp_path):
+def test_lost_nodes_spare_then_none_then_a_new_node(nodes, ckpt, data, reference, tmp_path):
     """Three one-CPU nodes, two groups. Group 1's node is killed: the group is rebuilt on the
     spare node and gets rows again; that node is killed too: no room is left, so group 0 runs
-    the rest, group 1's lost rows included. No restart is used (ray.max_group_restarts=0 would
-    fail the job on the first), and the job acts within seconds of each death."""
+    group 1's lost rows; then a node joins and group 1 is placed there and runs rows again. No
+    restart is used (ray.max_group_restarts=0 would fail the job on the first), and the job acts
+    within seconds of each death."""
     nodes.resize(3)
     out = tmp_path / "out"
     proc = start_job(job_args(ckpt, data, out, *FAST, f"ray.address={nodes.gcs}",
@@ -156,6 +157,8 @@ def test_lost_nodes_spare_then_none(nodes, ckpt, data, reference, tmp_path):
     spare = live.wait_for(r"group 1 ready on node (\w+)", 2)[1][1]   # rebuilt, and fed at once
     kills.append((time.time(), nodes.full_id(spare)))
     nodes.kill(kills[1][1])
+    live.wait_for(r"group 1 lost with its node", 2)
+    joined = nodes.add(cpus=1)      # a replacement node joins: group 1 is placed there again
     log = live.finish()
     t0 = kills[0][0]
     print(*(f"{t - t0:+6.1f}s {x.rstrip()[:200]}" for t, x in live.lines
@@ -170,8 +173,10 @@ def test_lost_nodes_spare_then_none(nodes, ckpt, data, reference, tmp_path):
         print(f"node {node[:8]} killed; the job acted {e['at'] - t_kill:.1f}s later; "
               f"{e['rows_lost']} rows lost")
         assert e["node"] == node and 0 < e["at"] - t_kill < ACT_WITHIN_S
-    assert [e["event"] for e in g1["events"]] == ["node_lost", "placed", "node_lost"]
+    assert [e["event"] for e in g1["events"]] == ["node_lost", "placed", "node_lost", "placed"]
     assert g1["events"][1]["node"] == kills[1][1] not in (kills[0][1], g0["node"])
+    assert g1["events"][3]["node"] == g1["node"] == joined
+    assert g1["rows"] > g1["events"][3]["rows"]     # and it ran rows there
     assert (g1["node_losses"], g1["restarts"], g0["restarts"]) == (2, 0, 0)   # no budget used
     assert man["node_losses"] == 2 and man["group_restarts"] == 0
     assert g1["rows_lost"] == sum(e["rows_lost"] for e in lost) and lost[1]["rows_lost"] > 0

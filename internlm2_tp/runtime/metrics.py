@@ -43,7 +43,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "rows_rerun": ("internlm2_tp_rows_rerun", "rows the group finished that another run lost"),
 }
 # Where each group ran, beside its counters in the manifest: its node (Ray's node id), each
-# rank's visible-devices variable, and its history (placed, node_lost: when, which node, rows).
+# rank's visible-devices variable, and its history after the start: each `node_lost` and each
+# `placed` again, with when (`at`, Unix time), which node, and the group's `rows` finished so far.
 PLACEMENT = ("node", "devices", "events")
 
 
@@ -146,8 +147,9 @@ class JobMetrics:
 
     def on_node_loss(self, g: int, node: str, rows_lost: int, why: str) -> None:
         self._count(g, {"node_losses": 1, "rows_lost": rows_lost})
-        self.groups[g].events.append({"event": "node_lost", "node": node, "at": round(time.time(), 3),
-                                      "rows_lost": rows_lost, "why": why[:300]})
+        fig = self.groups[g]
+        fig.events.append({"event": "node_lost", "node": node, "at": round(time.time(), 3),
+                           "rows": fig.rows, "rows_lost": rows_lost, "why": why[:300]})
 
     def on_rerun(self, g: int, rows: int) -> None:
         self._count(g, {"rows_rerun": rows})
@@ -155,7 +157,8 @@ class JobMetrics:
     def placed(self, g: int, node: str, devices: list) -> None:
         fig = self.groups[g]
         if fig.node or fig.events:   # the first placement is the job's start, not an event
-            fig.events.append({"event": "placed", "node": node, "at": round(time.time(), 3)})
+            fig.events.append({"event": "placed", "node": node, "at": round(time.time(), 3),
+                               "rows": fig.rows})
         fig.node, fig.devices = node, list(devices)
 
     def in_flight(self, g: int, rows: int) -> None:
