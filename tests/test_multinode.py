@@ -183,3 +183,29 @@ def test_lost_nodes_spare_then_none_then_a_new_node(nodes, ckpt, data, reference
     assert g0["rows_rerun"] + g1["rows_rerun"] == g1["rows_lost"] + g0["rows_lost"]
     assert g0["rows"] + g1["rows"] == ROWS and g1["rows"] > 0   # lost rows came back once
     assert "lost with its node" in log
+
+
+def test_no_group_left_fails_within_the_timeout(nodes, ckpt, data, tmp_path):
+    """One group, its node killed, no node left to hold another: the job waits
+    parallel.timeout_s for a placement, then fails (exit 1) naming what it waited for, with the
+    finished rows saved."""
+    nodes.resize(1)
+    out = tmp_path / "out"
+    proc = start_job(job_args(ckpt, data, out, *FAST, "parallel.replicas=1",
+                              "parallel.timeout_s=12", f"ray.address={nodes.gcs}"))
+    live = Lines(proc)
+    node = live.wait_for(r"group 0 ready on node (\w+)")[0][1]
+    wait_for_parts(out, 1, proc)
+    t_kill = time.time()
+    nodes.kill(nodes.full_id(node))
+    proc.wait(timeout=120)
+    live.thread.join(10)
+    log = "".join(x for _, x in live.lines)
+    waited = time.time() - t_kill
+    err = re.findall(r"job failed: (.*)", log)
+    print(*err, f"exit {proc.returncode} {waited:.1f}s after the kill", sep="\n")
+    assert proc.returncode == 1, log[-3000:]
+    assert "no tensor-parallel group is left and none could be placed within " \
+           "parallel.timeout_s=12s" in err[0] and "2 x {CPU 0.5} on one node" in err[0], err
+    assert 12 < waited < 12 + ACT_WITHIN_S + 5
+    assert 0 < len(read_out(out)) < ROWS    # what was finished is saved, for a rerun
