@@ -12,6 +12,8 @@ This module imports nothing of the project: every other module may raise these.
 """
 from __future__ import annotations
 
+import time
+
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -88,3 +90,4 @@ class NodeLost(GroupFailed):
     def __init__(self, message: str, node: str = "") -> None:
         super().__init__(message)
         self.node = node
+        self.at = time.time()   # when the job found out

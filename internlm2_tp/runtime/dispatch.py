@@ -63,9 +63,14 @@ class Dispatcher:
     def run(self) -> JobStats:
         """Until every row is written: feed each group, and answer each group that answers. A
         group lost with its node leaves its rows to the others until its replacement is ready."""
+        for g, lost in getattr(self.pool, "start_losses", []):   # lost while first loading
+            self.stats.node_losses += 1
+            self.metrics.on_node_loss(g, lost.node, 0, str(lost), lost.at)
+        self.down = set(getattr(self.pool, "placing", list)())
         for g in range(self.pool.num_groups):
-            self.placed(g)
-        self.busy = {g for g in range(self.pool.num_groups) if self.feed(g)}
+            if g not in self.down:
+                self.placed(g)
+        self.busy = {g for g in range(self.pool.num_groups) if g not in self.down and self.feed(g)}
         while self.busy or self.retry:
             self.guard.check()
             res = self.pool.wait()
@@ -154,7 +159,7 @@ class Dispatcher:
         n = self.requeue(g)
         if isinstance(cause, NodeLost):
             self.stats.node_losses += 1
-            self.metrics.on_node_loss(g, cause.node, n, str(cause))
+            self.metrics.on_node_loss(g, cause.node, n, str(cause), cause.at)
             log.warning("%s; its %d unfinished rows go to the other groups; placing a "
                         "replacement (restarts used: %d/%d, a lost node uses none)", cause, n,
                         self.restarts[g], self.max_restarts)

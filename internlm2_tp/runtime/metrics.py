@@ -145,10 +145,11 @@ class JobMetrics:
     def on_restart(self, g: int, rows_lost: int = 0) -> None:
         self._count(g, {"restarts": 1, "rows_lost": rows_lost})
 
-    def on_node_loss(self, g: int, node: str, rows_lost: int, why: str) -> None:
+    def on_node_loss(self, g: int, node: str, rows_lost: int, why: str,
+                     at: float | None = None) -> None:
         self._count(g, {"node_losses": 1, "rows_lost": rows_lost})
         fig = self.groups[g]
-        fig.events.append({"event": "node_lost", "node": node, "at": round(time.time(), 3),
+        fig.events.append({"event": "node_lost", "node": node, "at": round(at or time.time(), 3),
                            "rows": fig.rows, "rows_lost": rows_lost, "why": why[:300]})
 
     def on_rerun(self, g: int, rows: int) -> None:

@@ -97,6 +97,7 @@ class RayGroup:
         self.last_ok = 0.0
         self.node = ""                     # the node id Ray placed the group on
         self.devices: list[str | None] = []   # each rank's visible-devices variable
+        self.facts: list[dict] = []        # each rank's, once loaded
         self.pending: list[Any] = []       # a replacement's step in progress (placing, loading)
         self.pending_since = 0.0
 
@@ -166,6 +167,7 @@ class RayGroup:
         except Exception as e:  # noqa: BLE001
             self.kill()
             raise GroupFailed(f"group {self.index}: actors did not start: {_short(e)}") from e
+        log.info("group %d: %d rank(s) up, loading", self.index, self.base.tp)
         return [a.setup.remote() for a in self.actors]
 
     def await_ready(self, refs: list[Any]) -> list[dict]:
@@ -180,6 +182,7 @@ class RayGroup:
                 raise cause from None
             raise GroupFailed(f"group {self.index}: start failed: {_short(e)}") from e
         self.pids = [f["pid"] for f in facts]
+        self.facts = facts
         self.node = facts[0].get("node") or self.node
         self.devices = [f.get("visible") for f in facts]
         self.last_ok = time.monotonic()

@@ -27,6 +27,15 @@ from internlm2_tp.runtime.worker import WorkerSpec
 log = logging.getLogger(__name__)
 
 
+def _failed(ref: Any) -> bool:
+    """A ready ref holds an error (a rank's exception, a dead actor)."""
+    try:
+        ray.get(ref, timeout=0)
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
 def cluster_device(requested: str) -> str:
     """`auto` on a Ray cluster: NPU if the cluster has the resource, else GPU, else CPU."""
     return requested if requested != "auto" else cluster_kind(ray.cluster_resources())
@@ -54,6 +63,7 @@ class RayPool:
         self.num_groups = replicas
         self.timeout_s = timeout_s
         self.start_retries = start_retries
+        self.start_losses: list[tuple[int, NodeLost]] = []   # groups lost while first loading
 
     @classmethod
     def from_job(cls, cfg: JobConfig) -> RayPool:
@@ -80,23 +90,71 @@ class RayPool:
                 launched.append(g.launch())
             except GroupFailed as e:
                 launched.append(e)
-        facts = []
-        for g, refs in zip(self.groups, launched):
-            for attempt in range(self.start_retries + 1):
-                try:
-                    if isinstance(refs, GroupFailed):
-                        raise refs
-                    facts.append(g.await_ready(refs)[0])
-                    break
-                except GroupFailed as e:
-                    intr = interrupt_in(e)
-                    if intr is not None:
-                        raise intr from None
-                    if attempt == self.start_retries or isinstance(e, PlacementTimeout):
-                        raise
-                    log.warning("%s; retrying (%d/%d)", e, attempt + 1, self.start_retries)
-                    refs = self._relaunch(g)
+        facts = [f for g, refs in self._in_order_of_answer(launched)
+                 if (f := self._await_start(g, refs)) is not None]
+        while not facts:   # every group was lost with its node while loading
+            res = self.wait()
+            if res.rejoined:
+                facts.append(self.groups[res.group].facts[0])
+            elif isinstance(res.error, NodeLost):
+                self.start_losses.append((res.group, res.error))
+                self.replace(res.group)
+            else:
+                raise res.error
         return facts
+
+    def _in_order_of_answer(self, launched: list[Any]) -> list[tuple[RayGroup, Any]]:
+        """The groups in the order they answer: loaded, or failed (a rank's error, a lost node),
+        so a group that fails while others load is dealt with at once. Past parallel.timeout_s
+        the rest follow in order (each then waits as in await_ready)."""
+        todo = {g.index: (g, refs) for g, refs in zip(self.groups, launched)}
+        order = [todo.pop(i) for i, (_, refs) in list(todo.items()) if not isinstance(refs, list)]
+        owner = {ref: i for i, (_, refs) in todo.items() for ref in refs}
+        end = time.monotonic() + self.timeout_s
+        while owner and time.monotonic() < end:
+            try:
+                ready, _ = ray.wait(list(owner), num_returns=1, timeout=self.poll_s,
+                                    fetch_local=False)
+            except Exception as e:  # noqa: BLE001 - a signal raised inside Ray's call
+                intr = interrupt_in(e)
+                raise intr if intr is not None else e
+            for ref in ready:
+                i = owner.pop(ref)
+                if i in todo and (not any(x == i for x in owner.values()) or _failed(ref)):
+                    order.append(todo.pop(i))
+                    owner = {r: x for r, x in owner.items() if x != i}
+        return order + list(todo.values())
+
+    def _await_start(self, g: RayGroup, refs: Any) -> dict | None:
+        """Rank 0's facts once group g loaded, retried up to `start_retries` times; None when
+        its node went away meanwhile: a replacement is placed as for a loss mid-run, and the
+        job starts with the other groups (restarts unchanged)."""
+        for attempt in range(self.start_retries + 1):
+            try:
+                if isinstance(refs, GroupFailed):
+                    raise refs
+                return g.await_ready(refs)[0]
+            except GroupFailed as e:
+                intr = interrupt_in(e)
+                if intr is not None:
+                    raise intr from None
+                gone = node_gone(g.node)
+                if gone:
+                    lost = NodeLost(f"group {g.index} lost with its node while loading: {gone} "
+                                    f"({e})", node=g.node)
+                    log.warning("%s; placing a replacement", lost)
+                    self.start_losses.append((g.index, lost))
+                    self.replace(g.index)
+                    return None
+                if attempt == self.start_retries or isinstance(e, PlacementTimeout):
+                    raise
+                log.warning("%s; retrying (%d/%d)", e, attempt + 1, self.start_retries)
+                refs = self._relaunch(g)
+        return None
+
+    def placing(self) -> list[int]:
+        """Groups being placed or loading again (lost with their node)."""
+        return [g.index for g in self.groups if g.pending]
 
     @staticmethod
     def _relaunch(g: RayGroup) -> Any:
