@@ -129,16 +129,17 @@ def multi_node_cluster(head_cpus: int = 0) -> Iterator[MultiNode]:
     temp = tempfile.mkdtemp(prefix="raymn_")  # short: Ray's unix socket paths have a length cap
     env = {"RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     (Path(temp) / "ray").mkdir()   # where Ray writes its address record under RAY_TMPDIR
+    cluster = None
     with _environ(env):
-        cluster = Cluster(initialize_head=True, shutdown_at_exit=False,
-                          head_node_args={"num_cpus": head_cpus, "include_dashboard": False,
-                                          "temp_dir": temp})
-        port = int(cluster.address.rsplit(":", 1)[1])
         try:
+            cluster = Cluster(initialize_head=True, shutdown_at_exit=False,
+                              head_node_args={"num_cpus": head_cpus, "include_dashboard": False,
+                                              "temp_dir": temp})
             yield MultiNode(cluster, {**os.environ})
         finally:
-            cluster.shutdown()
-            _kill_cluster(temp, port)   # a worker process its raylet left behind
+            if cluster is not None:
+                cluster.shutdown()
+            _kill_cluster(temp, 0)   # whatever is left: every process of the cluster names temp
             shutil.rmtree(temp, ignore_errors=True)
 
 

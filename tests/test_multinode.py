@@ -199,7 +199,7 @@ def test_no_group_left_fails_within_the_timeout(nodes, ckpt, data, tmp_path):
     nodes.resize(1)
     out = tmp_path / "out"
     proc = start_job(job_args(ckpt, data, out, *FAST, "parallel.replicas=1",
-                              "parallel.timeout_s=12", f"ray.address={nodes.gcs}"))
+                              "parallel.timeout_s=20", f"ray.address={nodes.gcs}"))
     live = Lines(proc)
     node = live.wait_for(r"group 0 ready on node (\w+)")[0][1]
     wait_for_parts(out, 1, proc)
@@ -213,6 +213,6 @@ def test_no_group_left_fails_within_the_timeout(nodes, ckpt, data, tmp_path):
     print(*err, f"exit {proc.returncode} {waited:.1f}s after the kill", sep="\n")
     assert proc.returncode == 1, log[-3000:]
     assert "no tensor-parallel group is left and none could be placed within " \
-           "parallel.timeout_s=12s" in err[0] and "2 x {CPU 0.5} on one node" in err[0], err
-    assert 12 < waited < 12 + ACT_WITHIN_S + 5
+           "parallel.timeout_s=20s" in err[0] and "2 x {CPU 0.5} on one node" in err[0], err
+    assert 20 < waited < 20 + ACT_WITHIN_S + 5
     assert 0 < len(read_out(out)) < ROWS    # what was finished is saved, for a rerun
