@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from _job import job_args, read_out, run_cli, run_inprocess, write_prompts
-from _procs import finish, kill_stray_jobs, start_job, wait_for_parts
+from _procs import kill_stray_jobs, start_job, wait_for_parts
 from _ray import multi_node_cluster
 
 pytestmark = pytest.mark.slow   # a multi-node Ray cluster, jobs as processes
@@ -135,7 +135,8 @@ def test_groups_spread_over_npu_nodes_each_on_one_node(nodes, make_ckpt, tmp_pat
     assert all(g["devices"] == ["0", "1"] for g in groups)       # Ray's ids, per node
     assert all(g["rows"] > 0 for g in groups)
     for g in groups:   # every rank of a group on the group's node
-        assert len(re.findall(rf"group {g['group']} ready on node {g['node'][:8]}", p.stderr)) == 1
+        assert len(re.findall(rf"group {g['group']} ready: .* on node {g['node'][:8]}",
+                              p.stderr)) == 1
 
 
 def test_lost_nodes_while_loading_then_spare_then_none_then_a_new_node(nodes, ckpt, data,
@@ -157,11 +158,11 @@ def test_lost_nodes_while_loading_then_spare_then_none_then_a_new_node(nodes, ck
         kills.append((time.time(), nodes.full_id(short)))
         nodes.kill(kills[-1][1])
 
-    node = live.wait_for(r"group 1 placed on node (\w+)")[0][1]
+    node = live.wait_for(r"group 1 placed: starting 2 rank\(s\) on node (\w+)")[0][1]
     live.wait_for(r"group 1: 2 rank\(s\) up, loading")
     kill(node)   # while its ranks load
     for n in (1, 2):   # the replacement is ready, and fed at once: kill its node mid-run
-        kill(live.wait_for(r"group 1 ready on node (\w+)", n)[n - 1][1])
+        kill(live.wait_for(r"group 1 ready: .* on node (\w+)", n)[n - 1][1])
     live.wait_for(r"group 1 lost with its node", 3)
     joined = nodes.add(cpus=1)      # a replacement node joins: group 1 is placed there again
     log = live.finish()
@@ -201,7 +202,7 @@ def test_no_group_left_fails_within_the_timeout(nodes, ckpt, data, tmp_path):
     proc = start_job(job_args(ckpt, data, out, *FAST, "parallel.replicas=1",
                               "parallel.timeout_s=20", f"ray.address={nodes.gcs}"))
     live = Lines(proc)
-    node = live.wait_for(r"group 0 ready on node (\w+)")[0][1]
+    node = live.wait_for(r"group 0 ready: .* on node (\w+)")[0][1]
     wait_for_parts(out, 1, proc)
     t_kill = time.time()
     nodes.kill(nodes.full_id(node))

@@ -152,8 +152,8 @@ class RayGroup:
         """The placed group's actors, their rendezvous, and their setup refs."""
         _, opts = device_resources(self.device, self.cpus)
         self.node = pg_node(self.pg)
-        log.info("group %d placed on %s: starting %d rank(s)", self.index, describe(self.node),
-                 self.base.tp)
+        log.info("group %d placed: starting %d rank(s) on %s", self.index, self.base.tp,
+                 describe(self.node))
         self.actors = [
             RankActor.options(**opts, max_restarts=0, runtime_env=RANK_RUNTIME_ENV,
                               scheduling_strategy=
@@ -188,8 +188,8 @@ class RayGroup:
         self.last_ok = time.monotonic()
         self.ready = True
         var = PLATFORMS[self.device].visible_env
-        log.info("group %d ready on %s: %d rank(s), pids %s%s", self.index, describe(self.node),
-                 len(facts), self.pids, f", {var} {self.devices}" if var else "")
+        log.info("group %d ready: %d rank(s), pids %s, on %s%s", self.index, len(facts),
+                 self.pids, describe(self.node), f", {var} {self.devices}" if var else "")
         return facts
 
     def kill(self) -> None:
