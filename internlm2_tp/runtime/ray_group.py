@@ -99,6 +99,7 @@ class RayGroup:
         self.devices: list[str | None] = []   # each rank's visible-devices variable
         self.facts: list[dict] = []        # each rank's, once loaded
         self.pending: list[Any] = []       # a replacement's step in progress (placing, loading)
+        self.stage = ""                    # which: "" placing, port, master, loading
         self.pending_since = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -132,14 +133,38 @@ class RayGroup:
         self.pending, self.pending_since = [self.pg.ready()], time.monotonic()
 
     def advance(self) -> bool:
-        """The replacement's step in progress is done: placed -> start its ranks loading; loaded
-        -> ready (True). Failures are GroupFailed, as in start()."""
-        if not self.actors:
-            self.pending = self._spawn()
-            return False
-        refs, self.pending = self.pending, []
-        self.await_ready(refs)
-        return True
+        """The replacement's step in progress is done; start the next without waiting: placed
+        -> actors starting -> rendezvous set -> loading -> ready (True). Failures are
+        GroupFailed, as in start()."""
+        refs, self.pending, self.pending_since = self.pending, [], time.monotonic()
+        if not self.actors:                     # placed
+            self._create_actors()
+            self.pending = [self.actors[0].free_port.remote()]
+        elif self.stage == "port":              # rank 0's actor is up: its port for the group
+            port = self._settle(refs)[0]
+            self.pending = [a.set_master.remote("127.0.0.1", port) for a in self.actors]
+        elif self.stage == "master":
+            self._settle(refs)
+            log.info("group %d: %d rank(s) up, loading", self.index, self.base.tp)
+            self.pending = [a.setup.remote() for a in self.actors]
+        else:
+            self.await_ready(refs)
+            self.stage = ""
+            return True
+        self.stage = {"": "port", "port": "master", "master": "loading"}[self.stage]
+        return False
+
+    def stalled(self, now: float) -> bool:
+        """A replacement's actors took longer than parallel.timeout_s to start or load (waiting
+        to be placed has no limit while other groups run)."""
+        return bool(self.pending and self.actors and now - self.pending_since > self.timeout_s)
+
+    def _settle(self, refs: list[Any]) -> list[Any]:
+        try:
+            return ray.get(refs)
+        except Exception as e:  # noqa: BLE001
+            self.kill()
+            raise GroupFailed(f"group {self.index}: actors did not start: {_short(e)}") from e
 
     def pending_done(self) -> bool:
         if not self.pending:
@@ -148,8 +173,7 @@ class RayGroup:
                             fetch_local=False)
         return len(ready) == len(self.pending)
 
-    def _spawn(self) -> list[Any]:
-        """The placed group's actors, their rendezvous, and their setup refs."""
+    def _create_actors(self) -> None:
         _, opts = device_resources(self.device, self.cpus)
         self.node = pg_node(self.pg)
         log.info("group %d placed: starting %d rank(s) on %s", self.index, self.base.tp,
@@ -160,6 +184,10 @@ class RayGroup:
                               PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)
                               ).remote(replace(self.base, rank=r))
             for r in range(self.base.tp)]
+
+    def _spawn(self) -> list[Any]:
+        """The placed group's actors, their rendezvous, and their setup refs."""
+        self._create_actors()
         try:
             port = get(self.actors[0].free_port.remote(), self.timeout_s)
             # Every actor of the group is on one node (STRICT_PACK): rendezvous over loopback.
@@ -195,7 +223,7 @@ class RayGroup:
     def kill(self) -> None:
         """Kill the actors (a stopped or hung process too) and free the placement group."""
         self.refs, self.digests, self.ping, self.ready = [], {}, None, False
-        self.pending = []
+        self.pending, self.stage = [], ""
         for a in self.actors:
             try:
                 ray.kill(a, no_restart=True)

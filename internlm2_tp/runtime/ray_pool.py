@@ -191,14 +191,16 @@ class RayPool:
                     return self._failed(g, e)
                 if out is not None:
                     return GroupResult(g, finished=out[0], stats=out[1])
-            for grp in placing:
-                if grp.pending_done():
-                    try:
-                        if grp.advance():
-                            return GroupResult(grp.index, rejoined=True)
-                    except GroupFailed as e:
-                        return self._failed(grp.index, e)
             now = time.monotonic()
+            for grp in placing:
+                try:
+                    if grp.pending_done() and grp.advance():
+                        return GroupResult(grp.index, rejoined=True)
+                    if grp.stalled(now):
+                        raise GroupFailed(f"group {grp.index}: its replacement's ranks did not "
+                                          f"start within parallel.timeout_s={self.timeout_s:g}s")
+                except GroupFailed as e:
+                    return self._failed(grp.index, e)
             for g, grp in enumerate(self.groups):
                 try:
                     grp.check_health(now)
