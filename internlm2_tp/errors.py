@@ -12,6 +12,8 @@ This module imports nothing of the project: every other module may raise these.
 """
 from __future__ import annotations
 
+import time
+
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -79,3 +81,13 @@ class GroupFailed(RuntimeError):
 
 class PlacementTimeout(GroupFailed):
     """Ray did not place the group within parallel.timeout_s: retrying would wait again."""
+
+
+class NodeLost(GroupFailed):
+    """The group's node went away (a crash, a spot node taken back): capacity lost, not a failure
+    of the group itself, so it does not count against ray.max_group_restarts."""
+
+    def __init__(self, message: str, node: str = "") -> None:
+        super().__init__(message)
+        self.node = node
+        self.at = time.time()   # when the job found out

@@ -10,6 +10,9 @@ cluster gets its own temp dir and is stopped by killing only the processes that 
   private HOME and RAY_TMPDIR, so neither the shared /tmp/ray nor ~/.ray is read or written.
 Each yields {"gcs": host:port, "dashboard": http://host:port, "env": the environment a client
 of that cluster runs with}.
+- `multi_node_cluster`: a head and worker nodes, each its own raylet with its own declared
+  resources (ray.cluster_utils.Cluster), in a temp dir of its own; nodes are added and killed
+  (`remove_node(node, allow_graceful=False)`, as a crash) by the test.
 """
 from __future__ import annotations
 
@@ -65,6 +68,79 @@ def private_ray_head(num_cpus: int = 2, dashboard: bool = True,
     finally:
         _kill_cluster(temp, port)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+class MultiNode:
+    """A multi-node cluster on this machine: `add(cpus, npus)` starts a worker node (with
+    `npus`, one whose NPUs are emulated: internlm2_tp/testing/emulated_npu.py) and returns
+    its Ray node id; `kill(node_id)` kills every process of that node at once."""
+
+    def __init__(self, cluster, env: dict[str, str]):
+        self.cluster, self.env, self.nodes = cluster, env, {}
+        self.gcs = cluster.address
+
+    def add(self, cpus: int = 1, npus: int = 0) -> str:
+        from internlm2_tp.testing.emulated_npu import HOOK, HOOK_ENV
+
+        extra = {HOOK_ENV: HOOK} if npus else {}
+        with _environ(extra):   # the raylet passes its environment on to its workers
+            node = self.cluster.add_node(num_cpus=cpus, resources={"NPU": npus} if npus else {})
+        self.nodes[node.node_id] = node
+        return node.node_id
+
+    def kill(self, node_id: str) -> None:
+        self.cluster.remove_node(self.nodes.pop(node_id), allow_graceful=False)
+
+    def resize(self, n: int) -> None:
+        """Exactly n worker nodes of one CPU each (the newest go first)."""
+        while len(self.nodes) > n:
+            self.kill(list(self.nodes)[-1])
+        while len(self.nodes) < n:
+            self.add(cpus=1)
+
+    def full_id(self, prefix: str) -> str:
+        [node] = [n for n in self.nodes if n.startswith(prefix)]
+        return node
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def multi_node_cluster(head_cpus: int = 0) -> Iterator[MultiNode]:
+    """A head (holding `head_cpus`: 0 keeps every group on the worker nodes; the job's driver
+    joins the head) and no worker node yet. Ray's address record goes into the cluster's own
+    temp dir (RAY_TMPDIR), not the shared /tmp/ray."""
+    from ray.cluster_utils import Cluster
+
+    from conftest import ROOT
+
+    temp = tempfile.mkdtemp(prefix="raymn_")  # short: Ray's unix socket paths have a length cap
+    env = {"RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    (Path(temp) / "ray").mkdir()   # where Ray writes its address record under RAY_TMPDIR
+    cluster = None
+    with _environ(env):
+        try:
+            cluster = Cluster(initialize_head=True, shutdown_at_exit=False,
+                              head_node_args={"num_cpus": head_cpus, "include_dashboard": False,
+                                              "temp_dir": temp})
+            yield MultiNode(cluster, {**os.environ})
+        finally:
+            if cluster is not None:
+                cluster.shutdown()
+            _kill_cluster(temp, 0)   # whatever is left: every process of the cluster names temp
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from internlm2_tp.engine.engine import Finished
-from internlm2_tp.runtime.metrics import COUNTERS, JobMetrics, Quantiles
+from internlm2_tp.runtime.metrics import COUNTERS, PLACEMENT, JobMetrics, Quantiles
 
 
 @pytest.mark.parametrize("dist", ["lognormal", "uniform", "with_zeros"])
@@ -68,16 +68,20 @@ def test_job_metrics_add_up_each_groups_answers():
     m.on_restart(0)
     m.in_flight(0, 9)
     g0, g1 = m.manifest()["groups"]
+    where = {"node": "", "devices": [], "events": []}
     assert g0 == {"group": 0, "rows": 0, "errors": 0, "prompt_tokens": 0, "tokens": 0, "steps": 0,
-                  "busy_s": 0.0, "preemptions": 0, "prefix_hit_tokens": 0, "restarts": 1}
+                  "busy_s": 0.0, "preemptions": 0, "prefix_hit_tokens": 0, "restarts": 1,
+                  "node_losses": 0, "rows_lost": 0, "rows_rerun": 0, **where}
     assert g1 == {"group": 1, "rows": 3, "errors": 1, "prompt_tokens": 15, "tokens": 4, "steps": 5,
-                  "busy_s": 0.75, "preemptions": 1, "prefix_hit_tokens": 16, "restarts": 0}
-    assert set(g1) - {"group"} == set(COUNTERS)          # one table for manifest and exporter
+                  "busy_s": 0.75, "preemptions": 1, "prefix_hit_tokens": 16, "restarts": 0,
+                  "node_losses": 0, "rows_lost": 0, "rows_rerun": 0, **where}
+    # one table for manifest and exporter, beside where the group ran
+    assert set(g1) - {"group"} == set(COUNTERS) | set(PLACEMENT)
     man = m.manifest()
     assert man["ttft_s"]["rows"] == 2 and man["latency_s"]["rows"] == 2   # the error row: neither
     assert man["ttft_s"]["p99"] == pytest.approx(0.2, rel=0.01)
     assert sink.observed[0] == (1, [0.1, 0.2], [0.3, 0.2]) and sink.inflight == [(0, 9)]
-    assert (0, {"restarts": 1}) in sink.counts and sink.counts[0][1]["rows"] == 3
+    assert (0, {"restarts": 1, "rows_lost": 0}) in sink.counts and sink.counts[0][1]["rows"] == 3
 
 
 def test_a_failing_sink_is_dropped_not_fatal(caplog):

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
-from internlm2_tp.errors import JobFailed
+from internlm2_tp.errors import JobFailed, NodeLost
 from internlm2_tp.runtime.input_types import InputRow
 from internlm2_tp.runtime.interrupts import InterruptGuard
 from internlm2_tp.runtime.metrics import JobMetrics
@@ -33,6 +33,7 @@ class JobStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     group_restarts: int = 0
+    node_losses: int = 0
 
 
 class Dispatcher:
@@ -53,22 +54,54 @@ class Dispatcher:
         self.inflight: list[dict[Any, Request]] = [{} for _ in range(pool.num_groups)]
         self.restarts = [0] * pool.num_groups
         self.carried: dict[Any, Any] = {}   # row id -> its carried input columns, until written
+        self.requeued: set[Any] = set()     # ids taken back from a failed or lost group
+        self.busy: set[int] = set()         # groups with rows in flight
+        self.down: set[int] = set()         # groups lost with their node, being replaced
         self.t0 = t0
         self.metrics = metrics or JobMetrics(pool.num_groups)
 
     def run(self) -> JobStats:
-        """Until every row is written: feed each group, and answer each group that answers."""
-        busy = {g for g in range(self.pool.num_groups) if self.feed(g)}
-        while busy:
+        """Until every row is written: feed each group, and answer each group that answers. A
+        group lost with its node leaves its rows to the others until its replacement is ready."""
+        for g, lost in getattr(self.pool, "start_losses", []):   # lost while first loading
+            self.stats.node_losses += 1
+            self.metrics.on_node_loss(g, lost.node, 0, str(lost), lost.at)
+        self.down = set(getattr(self.pool, "placing", list)())
+        for g in range(self.pool.num_groups):
+            if g not in self.down:
+                self.placed(g)
+        self.busy = {g for g in range(self.pool.num_groups) if g not in self.down and self.feed(g)}
+        while self.busy or self.retry:
             self.guard.check()
             res = self.pool.wait()
+            g = res.group
             if res.error is not None:
-                self.recover(res.group, res.error)
+                if not self.recover(g, res.error):
+                    self.busy.discard(g)
+                    self.feed_idle()
+                    continue
+            elif res.rejoined:
+                self.down.discard(g)
+                self.placed(g)
             else:
                 self.collect(res)
-            if not self.feed(res.group):
-                busy.discard(res.group)
+            if self.feed(g):
+                self.busy.add(g)
+            else:
+                self.busy.discard(g)
         return self.stats
+
+    def placed(self, g: int) -> None:
+        where = getattr(self.pool, "where", None)
+        if where is not None:
+            w = where(g)
+            self.metrics.placed(g, w["node"], w["devices"])
+
+    def feed_idle(self) -> None:
+        """Rows came back from a lost group: the groups that ran out of work take them now."""
+        for g in range(self.pool.num_groups):
+            if g not in self.busy and g not in self.down and self.retry and self.feed(g):
+                self.busy.add(g)
 
     def feed(self, g: int) -> bool:
         """Top group g up to `cap` rows in flight; False when it has none left to run."""
@@ -110,21 +143,36 @@ class Dispatcher:
                 inflight[f.request_id] = replace(r, samples=left)
             else:
                 del inflight[f.request_id]
+                if self.requeued and f.request_id in self.requeued:
+                    self.requeued.discard(f.request_id)
+                    self.metrics.on_rerun(res.group, 1)
             self.put(self.output(f), last=not left)
         rate = self.stats.completion_tokens / max(time.time() - self.t0, 1e-9)
         self.bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
 
-    def recover(self, g: int, cause: BaseException) -> None:
-        """Requeue the group's unfinished rows and rebuild it; a failed rebuild is one more
-        failure. Past ray.max_group_restarts the job fails, naming the group and cause."""
-        self.retry.extendleft(reversed(list(self.inflight[g].values())))
-        n = len(self.inflight[g])
-        self.inflight[g].clear()
+    def recover(self, g: int, cause: BaseException) -> bool:
+        """Requeue the group's unfinished rows. A group lost with its node gets a replacement
+        placed whenever there is room (False: the group is down until then; the others run its
+        rows), without using its restart budget. Any other failure rebuilds the group now; a
+        failed rebuild is one more failure, and past ray.max_group_restarts the job fails,
+        naming the group and cause."""
+        n = self.requeue(g)
+        if isinstance(cause, NodeLost):
+            self.stats.node_losses += 1
+            self.metrics.on_node_loss(g, cause.node, n, str(cause), cause.at)
+            log.warning("%s; its %d unfinished rows go to the other groups; placing a "
+                        "replacement (restarts used: %d/%d, a lost node uses none)", cause, n,
+                        self.restarts[g], self.max_restarts)
+            self.down.add(g)
+            self.pool.replace(g)
+            return False
+        lost = n
         while True:
             self.guard.check()   # a rebuild interrupted by Ctrl-C is not a group failure
             self.restarts[g] += 1
             self.stats.group_restarts += 1
-            self.metrics.on_restart(g)
+            self.metrics.on_restart(g, lost)
+            lost = 0
             if self.restarts[g] > self.max_restarts:
                 raise JobFailed(f"group {g} failed {self.restarts[g]} times "
                                 f"(ray.max_group_restarts={self.max_restarts}); last cause: {cause}")
@@ -132,11 +180,23 @@ class Dispatcher:
                         "unfinished rows", g, cause, self.restarts[g], self.max_restarts, n)
             try:
                 self.pool.restart(g)
-                return
+                self.placed(g)
+                return True
             except JobFailed as e:   # the pool cannot rebuild groups (torchrun)
                 raise JobFailed(f"group {g} failed: {cause}; {e}") from e
             except Exception as e:  # noqa: BLE001 - counts as another failure
+                if isinstance(e, NodeLost):
+                    return self.recover(g, e)
                 cause = e
+
+    def requeue(self, g: int) -> int:
+        """The group's unfinished rows go first in the queue; returns how many."""
+        rows = list(self.inflight[g].values())
+        self.retry.extendleft(reversed(rows))
+        self.requeued.update(r.row_id for r in rows)
+        self.inflight[g].clear()
+        self.metrics.in_flight(g, 0)
+        return len(rows)
 
     def put(self, row: OutputRow, last: bool = True) -> None:
         """Write one output row; `last`: its input row's last sample (its carried columns go)."""

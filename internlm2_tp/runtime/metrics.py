@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter as Tally
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -35,7 +36,16 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "preemptions": ("internlm2_tp_preemptions", "sequences preempted for KV blocks (recomputed later)"),
     "prefix_hit_tokens": ("internlm2_tp_prefix_hit_tokens", "prompt tokens served from the prefix cache"),
     "restarts": ("internlm2_tp_group_restarts", "times the group was rebuilt after a failure"),
+    "node_losses": ("internlm2_tp_group_node_losses",
+                    "times the group was lost with its node (not counted in restarts)"),
+    "rows_lost": ("internlm2_tp_rows_lost", "unfinished rows taken back from the group when it "
+                  "failed or lost its node, to run again"),
+    "rows_rerun": ("internlm2_tp_rows_rerun", "rows the group finished that another run lost"),
 }
+# Where each group ran, beside its counters in the manifest: its node (Ray's node id), each
+# rank's visible-devices variable, and its history after the start: each `node_lost` and each
+# `placed` again, with when (`at`, Unix time), which node, and the group's `rows` finished so far.
+PLACEMENT = ("node", "devices", "events")
 
 
 class Quantiles:
@@ -91,6 +101,12 @@ class GroupFigures:
     preemptions: int = 0
     prefix_hit_tokens: int = 0
     restarts: int = 0
+    node_losses: int = 0
+    rows_lost: int = 0
+    rows_rerun: int = 0
+    node: str = ""
+    devices: list = field(default_factory=list)
+    events: list = field(default_factory=list)
 
 
 class MetricsSink(Protocol):
@@ -126,8 +142,25 @@ class JobMetrics:
         self._count(g, deltas)
         self._send("observe", g, ttfts, lats)
 
-    def on_restart(self, g: int) -> None:
-        self._count(g, {"restarts": 1})
+    def on_restart(self, g: int, rows_lost: int = 0) -> None:
+        self._count(g, {"restarts": 1, "rows_lost": rows_lost})
+
+    def on_node_loss(self, g: int, node: str, rows_lost: int, why: str,
+                     at: float | None = None) -> None:
+        self._count(g, {"node_losses": 1, "rows_lost": rows_lost})
+        fig = self.groups[g]
+        fig.events.append({"event": "node_lost", "node": node, "at": round(at or time.time(), 3),
+                           "rows": fig.rows, "rows_lost": rows_lost, "why": why[:300]})
+
+    def on_rerun(self, g: int, rows: int) -> None:
+        self._count(g, {"rows_rerun": rows})
+
+    def placed(self, g: int, node: str, devices: list) -> None:
+        fig = self.groups[g]
+        if fig.node or fig.events:   # the first placement is the job's start, not an event
+            fig.events.append({"event": "placed", "node": node, "at": round(time.time(), 3),
+                               "rows": fig.rows})
+        fig.node, fig.devices = node, list(devices)
 
     def in_flight(self, g: int, rows: int) -> None:
         self._send("in_flight", g, rows)

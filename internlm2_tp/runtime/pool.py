@@ -19,6 +19,7 @@ class GroupResult:
     finished: list[Finished] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     error: Exception | None = None
+    rejoined: bool = False   # a replacement for a lost group is ready (Ray pools)
 
 
 class Pool(Protocol):

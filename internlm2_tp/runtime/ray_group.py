@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from internlm2_tp.errors import GroupFailed, PlacementTimeout, UserError
 from internlm2_tp.parallel.group import free_port
 from internlm2_tp.parallel.platform import PLATFORMS
+from internlm2_tp.runtime.ray_nodes import describe, pg_node
 from internlm2_tp.runtime.ray_placement import await_placement, check_fits, shape, wait_all
 from internlm2_tp.runtime.rows import Request
 from internlm2_tp.runtime.worker import Worker, WorkerSpec, digest
@@ -60,6 +61,15 @@ class RankActor(Worker):
     def free_port(self) -> int:
         return free_port()
 
+    def setup(self) -> dict[str, Any]:
+        """The rank's facts, with where Ray put it: its node, and the visible-devices variable
+        Ray set for it (ASCEND_RT_VISIBLE_DEVICES, CUDA_VISIBLE_DEVICES)."""
+        facts = super().setup()
+        var = PLATFORMS[self.spec.device].visible_env
+        facts.update(node=ray.get_runtime_context().get_node_id(),
+                     visible=os.environ.get(var) if var else None)
+        return facts
+
     @ray.method(concurrency_group="health")
     def alive(self) -> int:
         return os.getpid()
@@ -85,15 +95,24 @@ class RayGroup:
         self.digests: dict[int, str] = {}  # ranks > 0 that already answered this run
         self.ping: tuple[list[Any], float] | None = None
         self.last_ok = 0.0
+        self.node = ""                     # the node id Ray placed the group on
+        self.devices: list[str | None] = []   # each rank's visible-devices variable
+        self.facts: list[dict] = []        # each rank's, once loaded
+        self.pending: list[Any] = []       # a replacement's step in progress (placing, loading)
+        self.stage = ""                    # which: "" placing, port, master, loading
+        self.pending_since = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> list[dict]:
         return self.await_ready(self.launch())
 
+    def bundles(self) -> list[dict[str, float]]:
+        bundle, _ = device_resources(self.device, self.cpus)
+        return [dict(bundle) for _ in range(self.base.tp)]
+
     def launch(self) -> list[Any]:
         """Place the group, create its actors and start loading; returns the setup refs."""
-        bundle, opts = device_resources(self.device, self.cpus)
-        bundles = [dict(bundle) for _ in range(self.base.tp)]
+        bundles = self.bundles()
         what = f"group {self.index}"
         note = check_fits(bundles, 1, what)   # ClusterError (exit 2) if no node can hold it
         if note:
@@ -104,13 +123,71 @@ class RayGroup:
             raise PlacementTimeout(f"{what} not placed within parallel.timeout_s="
                                    f"{self.timeout_s:g}s: other work holds what it needs ("
                                    f"{shape(bundles)})")
-        log.info("%s placed: starting %d rank(s)", what, self.base.tp)
+        return self._spawn()
+
+    def begin_place(self) -> None:
+        """Ask Ray to place the group and return at once (a replacement for a group lost with its
+        node, placed whenever a node has room: now, or when one joins); `advance` moves it on."""
+        self.kill()
+        self.pg = placement_group(self.bundles(), strategy="STRICT_PACK", name="")
+        self.pending, self.pending_since = [self.pg.ready()], time.monotonic()
+
+    def advance(self) -> bool:
+        """The replacement's step in progress is done; start the next without waiting: placed
+        -> actors starting -> rendezvous set -> loading -> ready (True). Failures are
+        GroupFailed, as in start()."""
+        refs, self.pending, self.pending_since = self.pending, [], time.monotonic()
+        if not self.actors:                     # placed
+            self._create_actors()
+            self.pending = [self.actors[0].free_port.remote()]
+        elif self.stage == "port":              # rank 0's actor is up: its port for the group
+            port = self._settle(refs)[0]
+            self.pending = [a.set_master.remote("127.0.0.1", port) for a in self.actors]
+        elif self.stage == "master":
+            self._settle(refs)
+            log.info("group %d: %d rank(s) up, loading", self.index, self.base.tp)
+            self.pending = [a.setup.remote() for a in self.actors]
+        else:
+            self.await_ready(refs)
+            self.stage = ""
+            return True
+        self.stage = {"": "port", "port": "master", "master": "loading"}[self.stage]
+        return False
+
+    def stalled(self, now: float) -> bool:
+        """A replacement's actors took longer than parallel.timeout_s to start or load (waiting
+        to be placed has no limit while other groups run)."""
+        return bool(self.pending and self.actors and now - self.pending_since > self.timeout_s)
+
+    def _settle(self, refs: list[Any]) -> list[Any]:
+        try:
+            return ray.get(refs)
+        except Exception as e:  # noqa: BLE001
+            self.kill()
+            raise GroupFailed(f"group {self.index}: actors did not start: {_short(e)}") from e
+
+    def pending_done(self) -> bool:
+        if not self.pending:
+            return False
+        ready, _ = ray.wait(self.pending, num_returns=len(self.pending), timeout=0,
+                            fetch_local=False)
+        return len(ready) == len(self.pending)
+
+    def _create_actors(self) -> None:
+        _, opts = device_resources(self.device, self.cpus)
+        self.node = pg_node(self.pg)
+        log.info("group %d placed: starting %d rank(s) on %s", self.index, self.base.tp,
+                 describe(self.node))
         self.actors = [
             RankActor.options(**opts, max_restarts=0, runtime_env=RANK_RUNTIME_ENV,
                               scheduling_strategy=
                               PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)
                               ).remote(replace(self.base, rank=r))
             for r in range(self.base.tp)]
+
+    def _spawn(self) -> list[Any]:
+        """The placed group's actors, their rendezvous, and their setup refs."""
+        self._create_actors()
         try:
             port = get(self.actors[0].free_port.remote(), self.timeout_s)
             # Every actor of the group is on one node (STRICT_PACK): rendezvous over loopback.
@@ -118,6 +195,7 @@ class RayGroup:
         except Exception as e:  # noqa: BLE001
             self.kill()
             raise GroupFailed(f"group {self.index}: actors did not start: {_short(e)}") from e
+        log.info("group %d: %d rank(s) up, loading", self.index, self.base.tp)
         return [a.setup.remote() for a in self.actors]
 
     def await_ready(self, refs: list[Any]) -> list[dict]:
@@ -132,14 +210,20 @@ class RayGroup:
                 raise cause from None
             raise GroupFailed(f"group {self.index}: start failed: {_short(e)}") from e
         self.pids = [f["pid"] for f in facts]
+        self.facts = facts
+        self.node = facts[0].get("node") or self.node
+        self.devices = [f.get("visible") for f in facts]
         self.last_ok = time.monotonic()
         self.ready = True
-        log.info("group %d ready: %d rank(s), pids %s", self.index, len(facts), self.pids)
+        var = PLATFORMS[self.device].visible_env
+        log.info("group %d ready: %d rank(s), pids %s, on %s%s", self.index, len(facts),
+                 self.pids, describe(self.node), f", {var} {self.devices}" if var else "")
         return facts
 
     def kill(self) -> None:
         """Kill the actors (a stopped or hung process too) and free the placement group."""
         self.refs, self.digests, self.ping, self.ready = [], {}, None, False
+        self.pending, self.stage = [], ""
         for a in self.actors:
             try:
                 ray.kill(a, no_restart=True)

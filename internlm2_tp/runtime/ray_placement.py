@@ -119,8 +119,18 @@ def check_fits(bundles: list[dict[str, float]], groups: int, what: str) -> str |
             f"the live nodes hold {room} at once" if groups > 1 else
             f"{what} (parallel.tp={len(bundles)}) cannot be placed: it needs {shape}")
     raise ClusterError(f"{head}; the largest node has {{{_describe(best, keys)}}} "
-                       f"({len(nodes)} live node(s)). Lower parallel.tp or parallel.replicas, "
-                       "set ray.cpus_per_worker, or add a node that has those resources")
+                       f"({len(nodes)} live node(s): {inventory(nodes, keys)}). Lower "
+                       "parallel.tp or parallel.replicas, set ray.cpus_per_worker, or add a "
+                       "node that has those resources")
+
+
+def inventory(nodes: list[dict[str, float]], keys: list[str]) -> str:
+    """The live nodes by kind, largest first: `2 x {CPU 1, NPU 2}, 1 x {CPU 0, NPU 0}`."""
+    kinds: dict[str, int] = {}
+    for n in sorted(nodes, key=lambda n: [-n.get(k, 0.0) for k in keys]):
+        d = _describe(n, keys)
+        kinds[d] = kinds.get(d, 0) + 1
+    return ", ".join(f"{c} x {{{d}}}" for d, c in kinds.items())
 
 
 def await_placement(pg: Any, bundles: list[dict[str, float]], what: str,
