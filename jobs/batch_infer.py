@@ -39,8 +39,8 @@ def main(argv: list[str]) -> int:
             extra.append("parallel.device=cpu")
         cfg = load_job_config(ROOT / "conf" / "batch_infer.yaml", overrides + extra)
     job = Job(cfg)   # every cheap check (config, checkpoint, input, output dir) before Ray starts
-    from internlm2_tp.runtime.ray_cluster import disconnect
-    from internlm2_tp.runtime.ray_pool import RayPool
+    from internlm2_tp.runtime.cluster.ray_cluster import disconnect
+    from internlm2_tp.runtime.cluster.ray_pool import RayPool
 
     try:
         pool = RayPool.from_job(cfg)   # joins the job's cluster and sizes its groups
@@ -54,8 +54,8 @@ def main(argv: list[str]) -> int:
 def print_summary(manifest: dict, out: str) -> None:
     """A few rows and the totals, read back through the same filesystem layer as the job's
     (a local directory or an object-store prefix)."""
-    from internlm2_tp.runtime.output_dir import head_rows
-    from internlm2_tp.runtime.storage import resolve
+    from internlm2_tp.runtime.data.output_dir import head_rows
+    from internlm2_tp.runtime.data.storage import resolve
 
     print("\nFirst rows:")
     for r in head_rows(out, 5):

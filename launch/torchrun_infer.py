@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     from internlm2_tp.job_config import load_job_config
     from internlm2_tp.parallel.platform import get_platform
     from internlm2_tp.runtime.driver import Job
-    from internlm2_tp.runtime.torchrun_pool import TorchrunPool, follow
+    from internlm2_tp.runtime.cluster.torchrun_pool import TorchrunPool, follow
     from internlm2_tp.runtime.worker import Worker, WorkerSpec
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -170,7 +170,7 @@ def check_job(p: Platform, args: argparse.Namespace, ckpt: str, work: Path) -> t
     from internlm2_tp.testing.demo import PROMPTS
     from internlm2_tp.job_config import load_job_config
     from internlm2_tp.runtime.driver import Job
-    from internlm2_tp.runtime.torchrun_pool import TorchrunPool
+    from internlm2_tp.runtime.cluster.torchrun_pool import TorchrunPool
     from internlm2_tp.runtime.worker import Worker, WorkerSpec
 
     work.mkdir()

@@ -37,7 +37,7 @@ def family(name: str) -> str:
 def main(argv: list[str]) -> int:
     from internlm2_tp.engine.engine import EngineConfig
     from internlm2_tp.engine.sampler import SamplingParams
-    from internlm2_tp.runtime.rows import Request
+    from internlm2_tp.runtime.data.rows import Request
     from internlm2_tp.runtime.worker import Worker, WorkerSpec
 
     ckpt, opts = argv[0], dict(a.split("=", 1) for a in argv[1:])

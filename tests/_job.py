@@ -60,7 +60,7 @@ def run_inprocess(args: list[str]) -> dict:
     """The job on one in-process rank (no Ray): the same Job and engine code path."""
     from internlm2_tp.job_config import load_job_config
     from internlm2_tp.runtime.driver import Job
-    from internlm2_tp.runtime.torchrun_pool import TorchrunPool
+    from internlm2_tp.runtime.cluster.torchrun_pool import TorchrunPool
     from internlm2_tp.runtime.worker import Worker, WorkerSpec
 
     cfg = load_job_config(ROOT / "conf" / "batch_infer.yaml", args)

@@ -6,9 +6,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from internlm2_tp.runtime.input_types import InputColumns, InputRow
-from internlm2_tp.runtime.io import plan_input
-from internlm2_tp.runtime.stream import iter_rows
+from internlm2_tp.runtime.data.input_types import InputColumns, InputRow
+from internlm2_tp.runtime.data.io import plan_input
+from internlm2_tp.runtime.data.stream import iter_rows
 
 COLS = InputColumns()
 MSG_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))

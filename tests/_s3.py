@@ -95,7 +95,7 @@ class S3Prefix:
         return f"{self.root}/{rel}".rstrip("/")
 
     def loc(self, rel: str = ""):
-        from internlm2_tp.runtime.storage import resolve
+        from internlm2_tp.runtime.data.storage import resolve
         return resolve(self.uri(rel), "test")
 
     def put(self, rel: str, data: bytes) -> str:

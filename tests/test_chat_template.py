@@ -11,9 +11,9 @@ import pytest
 from internlm2_tp.chat_template import ChatTemplate, load_chat_template
 from internlm2_tp.engine.params import SamplingParams
 from internlm2_tp.errors import EXIT_BAD_INPUT, ChatTemplateError
-from internlm2_tp.runtime.input_types import InputRow
-from internlm2_tp.runtime.output import OutputRow
-from internlm2_tp.runtime.rows import to_request
+from internlm2_tp.runtime.data.input_types import InputRow
+from internlm2_tp.runtime.data.output import OutputRow
+from internlm2_tp.runtime.data.rows import to_request
 from internlm2_tp.testing.tokenizer_files import CHAT_TEMPLATE, write_tokenizer_files
 from internlm2_tp.tokenizer import Tokenizer
 

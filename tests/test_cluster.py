@@ -1,4 +1,4 @@
-"""Finding and joining the job's Ray cluster (runtime/ray_cluster.py; issue 14).
+"""Finding and joining the job's Ray cluster (runtime/cluster/ray_cluster.py; issue 14).
 
 Where the cluster comes from; a cluster that is gone, silent or refusing ends the job with exit 2
 within a bounded time, naming the address, how it was found and what to set, without a traceback.
@@ -33,7 +33,7 @@ FAST = ("generation.max_new_tokens=4", "engine.block_size=16", "engine.kv_cache_
 
 
 def test_where_the_cluster_comes_from(tmp_path, monkeypatch):
-    from internlm2_tp.runtime.ray_cluster import ClusterError, find_cluster
+    from internlm2_tp.runtime.cluster.ray_cluster import ClusterError, find_cluster
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -123,7 +123,7 @@ def _state(path: Path) -> tuple | None:
 def defaults_head():
     """`ray start --head` as a user runs it, after a first local `ray.init()` left a token: no
     RAY_AUTH_MODE, so Ray turns token auth on. Nothing of it lands in the shared Ray state."""
-    from internlm2_tp.runtime.ray_cluster import record_path
+    from internlm2_tp.runtime.cluster.ray_cluster import record_path
 
     shared = [record_path(), Path.home() / ".ray" / "auth_token"]
     before = [_state(p) for p in shared]

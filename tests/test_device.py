@@ -194,7 +194,7 @@ def test_ray_actor_npu_mapping() -> None:
 
 def test_hccl_env_and_npu_resources() -> None:
     from internlm2_tp.job_config import JobConfigError, ParallelSection, load_job_config
-    from internlm2_tp.runtime.ray_group import device_resources
+    from internlm2_tp.runtime.cluster.ray_actor import device_resources
 
     assert ParallelSection().hccl_env() == {"HCCL_CONNECT_TIMEOUT": "120",
                                             "HCCL_EXEC_TIMEOUT": "1836", "HCCL_BUFFSIZE": "200"}
@@ -275,7 +275,7 @@ def test_cuda_job_end_to_end(tmp_path, make_ckpt) -> None:
     from _job import ROOT, read_out, write_prompts
     from internlm2_tp.job_config import load_job_config
     from internlm2_tp.runtime.driver import Job
-    from internlm2_tp.runtime.torchrun_pool import TorchrunPool
+    from internlm2_tp.runtime.cluster.torchrun_pool import TorchrunPool
     from internlm2_tp.runtime.worker import Worker, WorkerSpec
 
     ckpt = make_ckpt(dtype="bfloat16")

@@ -1,4 +1,4 @@
-"""runtime/io.py: resolving inputs and validating them before the model loads."""
+"""runtime/data/io.py: resolving inputs and validating them before the model loads."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +8,9 @@ import pytest
 
 from _parquet import COLS, MSG_TYPE, all_rows, write, write_lines
 from internlm2_tp.errors import InputError
-from internlm2_tp.runtime.input_types import InputColumns, InputFile, InputPlan, InputRow
-from internlm2_tp.runtime.io import plan_input
-from internlm2_tp.runtime.sources import resolve_input_files
+from internlm2_tp.runtime.data.input_types import InputColumns, InputFile, InputPlan, InputRow
+from internlm2_tp.runtime.data.io import plan_input
+from internlm2_tp.runtime.data.sources import resolve_input_files
 
 # ---------------------------------------------------------------- resolving inputs
 def files(spec: str, fmt: str = "auto") -> list[Path]:
@@ -168,8 +168,8 @@ def test_would_read_output_shards_back(tmp_path: Path, monkeypatch: pytest.Monke
                                        spec: str, out: str, reads: bool) -> None:
     """Whether a shard written to `out` would be input to the rerun (an output directory
     inside the input is refused for that); `in/*` globs `in/_out` itself, then all below it."""
-    from internlm2_tp.runtime.sources import would_read
-    from internlm2_tp.runtime.storage import resolve
+    from internlm2_tp.runtime.data.sources import would_read
+    from internlm2_tp.runtime.data.storage import resolve
     write(tmp_path / "in" / "p.parquet", {"prompt": ["x"]})
     monkeypatch.chdir(tmp_path)
     shard = Path(out) / "part-x-00000.parquet"

@@ -3,7 +3,6 @@ percentiles, and the same counters live on a real Ray cluster's Prometheus endpo
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -140,8 +139,8 @@ def test_manifest_has_group_figures_and_percentiles(ckpt, tmp_path):
 RUN_AND_HOLD = """import json, sys
 from internlm2_tp.job_config import load_job_config
 from internlm2_tp.runtime.driver import Job
-from internlm2_tp.runtime.ray_cluster import disconnect
-from internlm2_tp.runtime.ray_pool import RayPool
+from internlm2_tp.runtime.cluster.ray_cluster import disconnect
+from internlm2_tp.runtime.cluster.ray_pool import RayPool
 cfg = load_job_config(sys.argv[1], sys.argv[2:])
 job = Job(cfg)
 try:
@@ -213,6 +212,6 @@ def test_live_counters_on_rays_prometheus_endpoint(ckpt, tmp_path):
 
 def manifest_output(manifest: dict) -> str:
     """The output label the job used: its data.output resolved to a URI."""
-    from internlm2_tp.runtime import storage
+    from internlm2_tp.runtime.data import storage
 
     return storage.resolve(manifest["config"]["data"]["output"], "data.output").uri

@@ -21,7 +21,7 @@ from internlm2_tp.attention.npu_backend import NpuAttention
 from internlm2_tp.engine.params import SamplingParams
 from internlm2_tp.ops import TorchOps
 from internlm2_tp.ops.npu import NpuOps
-from internlm2_tp.runtime.rows import Request
+from internlm2_tp.runtime.data.rows import Request
 from internlm2_tp.runtime.worker import digest
 from internlm2_tp.testing.fake_torch_npu import FakeTorchNpu, NpuContractError
 

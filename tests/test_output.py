@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from internlm2_tp.runtime import storage as storage_mod
+from internlm2_tp.runtime.data import storage as storage_mod
 from internlm2_tp.errors import OutputDirError
-from internlm2_tp.runtime.output import OutputRow, ShardWriter, output_schema
-from internlm2_tp.runtime.output_dir import (fingerprint_diff, prepare_output_dir, read_output_ids,
+from internlm2_tp.runtime.data.output import OutputRow, ShardWriter, output_schema
+from internlm2_tp.runtime.data.output_dir import (fingerprint_diff, prepare_output_dir, read_output_ids,
                                              write_manifest)
 
 FP = {"model": {"path": "/m", "dtype": "bf16"}, "input": "in.parquet", "max_new_tokens": 32}
@@ -142,7 +142,7 @@ def test_sigkill_between_write_and_rename_leaves_only_temp(tmp_path: Path) -> No
     proc = _child("""
         import os, signal, sys
         import pyarrow as pa
-        from internlm2_tp.runtime.output import OutputRow, ShardWriter
+        from internlm2_tp.runtime.data.output import OutputRow, ShardWriter
         w = ShardWriter(sys.argv[1], pa.int64(), shard_rows=50)
         os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
         for i in range(50):
@@ -162,7 +162,7 @@ def test_sigkill_mid_stream_keeps_complete_shards(tmp_path: Path) -> None:
     proc = _child("""
         import sys
         import pyarrow as pa
-        from internlm2_tp.runtime.output import OutputRow, ShardWriter
+        from internlm2_tp.runtime.data.output import OutputRow, ShardWriter
         w = ShardWriter(sys.argv[1], pa.int64(), shard_rows=200)
         i = 0
         while True:

@@ -12,7 +12,7 @@ def test_rank_actors_run_at_nice_zero(ray_gcs, make_ckpt):
     import ray
 
     from internlm2_tp.engine.engine import EngineConfig
-    from internlm2_tp.runtime.ray_group import RayGroup
+    from internlm2_tp.runtime.cluster.ray_group import RayGroup
     from internlm2_tp.runtime.worker import WorkerSpec
 
     ckpt = make_ckpt(dtype="float32", hidden_size=64, num_attention_heads=8,

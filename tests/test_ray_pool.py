@@ -1,4 +1,4 @@
-"""Placing tensor-parallel groups on a Ray cluster (runtime/ray_pool.py, ray_placement.py; issue
+"""Placing tensor-parallel groups on a Ray cluster (runtime/cluster/ray_pool.py, ray_placement.py; issue
 14): CPU ranks share the cores, a group no node can hold fails at once naming its needs, and a
 pending group says what it waits for until parallel.timeout_s."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow   # a Ray cluster
     (2, 3, [4.0], 0.6666),
 ])
 def test_cpus_per_rank(tp, replicas, nodes, want):
-    from internlm2_tp.runtime.ray_placement import cpus_per_rank, groups_on
+    from internlm2_tp.runtime.cluster.ray_placement import cpus_per_rank, groups_on
 
     got = cpus_per_rank(tp, replicas, nodes)
     assert got == pytest.approx(want)
@@ -31,14 +31,14 @@ def test_cpus_per_rank(tp, replicas, nodes, want):
 
 
 def test_rank_cpus_override_and_devices():
-    from internlm2_tp.runtime.ray_pool import rank_cpus
+    from internlm2_tp.runtime.cluster.ray_pool import rank_cpus
 
     assert rank_cpus("cpu", 4, 1, 0.5) == 0.5      # ray.cpus_per_worker wins
     assert rank_cpus("npu", 8, 1, 0.0) == 1.0      # beside a device: one core for its host thread
 
 
 def test_groups_on():
-    from internlm2_tp.runtime.ray_placement import groups_on
+    from internlm2_tp.runtime.cluster.ray_placement import groups_on
 
     assert groups_on({"CPU": 8, "NPU": 8}, {"CPU": 4, "NPU": 4}) == 2
     assert groups_on({"CPU": 8}, {"CPU": 4, "NPU": 4}) == 0      # no NPU on the node

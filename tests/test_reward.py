@@ -67,8 +67,8 @@ def test_config_recognises_reward_models(ckpt):
 
 
 def test_prompt_ids_of_the_three_forms(tok, ckpt):
-    from internlm2_tp.runtime.input_types import InputRow
-    from internlm2_tp.runtime.rows import prompt_ids
+    from internlm2_tp.runtime.data.input_types import InputRow
+    from internlm2_tp.runtime.data.rows import prompt_ids
 
     rid = ModelConfig.from_dir(ckpt).reward_token_id
 

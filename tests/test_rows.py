@@ -1,4 +1,4 @@
-"""runtime/rows.py: an input row -> the engine's request (or the error row that replaces it), and
+"""runtime/data/rows.py: an input row -> the engine's request (or the error row that replaces it), and
 a finished request -> its output row."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from internlm2_tp.engine.params import SamplingParams
-from internlm2_tp.runtime.input_types import InputRow
-from internlm2_tp.runtime.output import OutputRow
-from internlm2_tp.runtime.rows import Request, finished_row, row_seed, to_request
+from internlm2_tp.runtime.data.input_types import InputRow
+from internlm2_tp.runtime.data.output import OutputRow
+from internlm2_tp.runtime.data.rows import Request, finished_row, row_seed, to_request
 from internlm2_tp.testing.tokenizer_files import write_tokenizer_files
 from internlm2_tp.tokenizer import Tokenizer
 

@@ -1,4 +1,4 @@
-"""runtime/storage.py: paths and URIs as pyarrow filesystems, glob rules, whole-file writes and
+"""runtime/data/storage.py: paths and URIs as pyarrow filesystems, glob rules, whole-file writes and
 the store's failures, against a real S3-compatible server on loopback (moto, with IAM auth)."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from internlm2_tp.runtime import storage
-from internlm2_tp.runtime.storage import StorageError, canonical, glob_match, resolve
+from internlm2_tp.runtime.data import storage
+from internlm2_tp.runtime.data.storage import StorageError, canonical, glob_match, resolve
 
 
 def opts(loc: storage.Location) -> dict:

@@ -1,4 +1,4 @@
-"""runtime/stream.py: bounded batches in file order, done ids skipped, row-level errors."""
+"""runtime/data/stream.py: bounded batches in file order, done ids skipped, row-level errors."""
 from __future__ import annotations
 
 import gc
@@ -14,8 +14,8 @@ import pytest
 
 from _parquet import COLS, MSG_TYPE, all_rows, write, write_lines
 from internlm2_tp.errors import InputError
-from internlm2_tp.runtime.io import plan_input
-from internlm2_tp.runtime.stream import iter_rows
+from internlm2_tp.runtime.data.io import plan_input
+from internlm2_tp.runtime.data.stream import iter_rows
 
 
 # ---------------------------------------------------------------- ids and streaming

@@ -37,8 +37,8 @@ def _one(args: dict, rows: list[list[int]], d: Path) -> dict:
 
     from internlm2_tp.job_config import load_job_config
     from internlm2_tp.runtime.driver import Job
-    from internlm2_tp.runtime.pool import GroupResult
-    from internlm2_tp.runtime.ray_pool import RayPool
+    from internlm2_tp.runtime.cluster.pool import GroupResult
+    from internlm2_tp.runtime.cluster.ray_pool import RayPool
 
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)

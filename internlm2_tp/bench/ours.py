@@ -15,7 +15,7 @@ from internlm2_tp.bench.common import best_of, peak_rss_mb, read_files_s
 def _rank(rank: int, args: dict, port: int, q: Any) -> None:
     from internlm2_tp.engine.engine import EngineConfig
     from internlm2_tp.engine.sampler import SamplingParams
-    from internlm2_tp.runtime.rows import Request
+    from internlm2_tp.runtime.data.rows import Request
     from internlm2_tp.runtime.worker import Worker, WorkerSpec
 
     tp = args["tp"]

@@ -32,7 +32,7 @@ def _checkpoint(path: str | None) -> str:
 
 
 def _run(worker: Any, prompts: list[list[int]], params: Any) -> tuple[float, int]:
-    from internlm2_tp.runtime.rows import Request
+    from internlm2_tp.runtime.data.rows import Request
 
     reqs = [Request(i, p, params) for i, p in enumerate(prompts)]
     t = time.perf_counter()

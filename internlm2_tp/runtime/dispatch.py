@@ -15,12 +15,12 @@ from typing import Any, Callable, Iterator
 from tqdm import tqdm
 
 from internlm2_tp.errors import JobFailed, NodeLost
-from internlm2_tp.runtime.input_types import InputRow
+from internlm2_tp.runtime.data.input_types import InputRow
 from internlm2_tp.runtime.interrupts import InterruptGuard
 from internlm2_tp.runtime.metrics import JobMetrics
-from internlm2_tp.runtime.output import OutputRow, ShardWriter
-from internlm2_tp.runtime.pool import GroupResult, Pool
-from internlm2_tp.runtime.rows import Request
+from internlm2_tp.runtime.data.output import OutputRow, ShardWriter
+from internlm2_tp.runtime.cluster.pool import GroupResult, Pool
+from internlm2_tp.runtime.data.rows import Request
 
 log = logging.getLogger(__name__)
 

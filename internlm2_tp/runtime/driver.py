@@ -26,19 +26,19 @@ from internlm2_tp.engine.cache_plan import RuntimeFacts
 from internlm2_tp.errors import CheckpointError, JobConfigError, JobFailed, UserError
 from internlm2_tp.engine.params import SamplingParams
 from internlm2_tp.job_config import JobConfig, check_reward_generation
-from internlm2_tp.runtime import storage
+from internlm2_tp.runtime.data import storage
 from internlm2_tp.runtime.dispatch import Dispatcher, JobStats
-from internlm2_tp.runtime.input_types import InputColumns, InputRow
+from internlm2_tp.runtime.data.input_types import InputColumns, InputRow
 from internlm2_tp.runtime.interrupts import InterruptGuard
-from internlm2_tp.runtime.io import plan_input
+from internlm2_tp.runtime.data.io import plan_input
 from internlm2_tp.runtime.metrics import JobMetrics
-from internlm2_tp.runtime.output import OutputRow, ShardWriter, optional_columns
-from internlm2_tp.runtime.output_dir import prepare_output_dir, write_manifest
-from internlm2_tp.runtime.pool import Pool
+from internlm2_tp.runtime.data.output import OutputRow, ShardWriter, optional_columns
+from internlm2_tp.runtime.data.output_dir import prepare_output_dir, write_manifest
+from internlm2_tp.runtime.cluster.pool import Pool
 from internlm2_tp.runtime.preflight import check_checkpoint
-from internlm2_tp.runtime.rows import Request, error_row, finished_row, to_request
-from internlm2_tp.runtime.sources import inputs_inside, would_read
-from internlm2_tp.runtime.stream import iter_rows
+from internlm2_tp.runtime.data.rows import Request, error_row, finished_row, to_request
+from internlm2_tp.runtime.data.sources import inputs_inside, would_read
+from internlm2_tp.runtime.data.stream import iter_rows
 from internlm2_tp.tokenizer import Tokenizer
 
 if TYPE_CHECKING:

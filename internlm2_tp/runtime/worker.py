@@ -25,7 +25,7 @@ from internlm2_tp.job_config import JobConfig
 from internlm2_tp.model import InternLM2Model
 from internlm2_tp.parallel.group import TPGroup, destroy_tp_group, init_tp_group
 from internlm2_tp.parallel.platform import PLATFORMS, Platform, get_platform
-from internlm2_tp.runtime.rows import Request
+from internlm2_tp.runtime.data.rows import Request
 
 log = logging.getLogger(__name__)
 

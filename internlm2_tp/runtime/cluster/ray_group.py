@@ -16,7 +16,6 @@ collective, or dead is noticed within parallel.timeout_s.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -26,60 +25,15 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from internlm2_tp.errors import GroupFailed, PlacementTimeout, UserError
-from internlm2_tp.parallel.group import free_port
 from internlm2_tp.parallel.platform import PLATFORMS
-from internlm2_tp.runtime.ray_nodes import describe, pg_node
-from internlm2_tp.runtime.ray_placement import await_placement, check_fits, shape, wait_all
-from internlm2_tp.runtime.rows import Request
-from internlm2_tp.runtime.worker import Worker, WorkerSpec, digest
+from internlm2_tp.runtime.cluster.ray_actor import (RANK_RUNTIME_ENV, RankActor, device_resources,
+                                                    get, short_error)
+from internlm2_tp.runtime.cluster.ray_nodes import describe, pg_node
+from internlm2_tp.runtime.cluster.ray_placement import await_placement, check_fits, shape, wait_all
+from internlm2_tp.runtime.data.rows import Request
+from internlm2_tp.runtime.worker import WorkerSpec, digest
 
 log = logging.getLogger(__name__)
-
-
-# Ray starts worker processes at nice 15 (its worker_niceness), so a rank would yield its cores
-# to every other process on the node, the job's own driver included: ranks run at nice 0.
-RANK_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
-
-
-def get(refs: Any, timeout_s: float) -> Any:
-    """ray.get with the wait done in short slices (signals act), bounded by `timeout_s`."""
-    if not wait_all(refs if isinstance(refs, list) else [refs], timeout_s):
-        raise ray.exceptions.GetTimeoutError(f"not ready within {timeout_s:g}s")
-    return ray.get(refs)
-
-
-def device_resources(device: str, cpus: float) -> tuple[dict[str, float], dict[str, Any]]:
-    """(placement bundle, actor options) for one rank: its platform's."""
-    return PLATFORMS[device]().ray_resources(cpus)
-
-
-@ray.remote(concurrency_groups={"health": 1})
-class RankActor(Worker):
-    """setup/run/shutdown run one at a time on the actor's default thread; `alive` answers on
-    its own thread, even while `run` is busy."""
-
-    def free_port(self) -> int:
-        return free_port()
-
-    def setup(self) -> dict[str, Any]:
-        """The rank's facts, with where Ray put it: its node, and the visible-devices variable
-        Ray set for it (ASCEND_RT_VISIBLE_DEVICES, CUDA_VISIBLE_DEVICES)."""
-        facts = super().setup()
-        var = PLATFORMS[self.spec.device].visible_env
-        facts.update(node=ray.get_runtime_context().get_node_id(),
-                     visible=os.environ.get(var) if var else None)
-        return facts
-
-    @ray.method(concurrency_group="health")
-    def alive(self) -> int:
-        return os.getpid()
-
-
-def _short(e: BaseException) -> str:
-    cause = getattr(e, "cause", None)  # RayTaskError: the rank's own exception
-    e = cause if isinstance(cause, BaseException) else e
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:400] if lines else ''}"
 
 
 class RayGroup:
@@ -164,7 +118,7 @@ class RayGroup:
             return ray.get(refs)
         except Exception as e:  # noqa: BLE001
             self.kill()
-            raise GroupFailed(f"group {self.index}: actors did not start: {_short(e)}") from e
+            raise GroupFailed(f"group {self.index}: actors did not start: {short_error(e)}") from e
 
     def pending_done(self) -> bool:
         if not self.pending:
@@ -194,7 +148,7 @@ class RayGroup:
             get([a.set_master.remote("127.0.0.1", port) for a in self.actors], self.timeout_s)
         except Exception as e:  # noqa: BLE001
             self.kill()
-            raise GroupFailed(f"group {self.index}: actors did not start: {_short(e)}") from e
+            raise GroupFailed(f"group {self.index}: actors did not start: {short_error(e)}") from e
         log.info("group %d: %d rank(s) up, loading", self.index, self.base.tp)
         return [a.setup.remote() for a in self.actors]
 
@@ -208,7 +162,7 @@ class RayGroup:
             cause = getattr(e, "cause", None)
             if isinstance(cause, UserError):
                 raise cause from None
-            raise GroupFailed(f"group {self.index}: start failed: {_short(e)}") from e
+            raise GroupFailed(f"group {self.index}: start failed: {short_error(e)}") from e
         self.pids = [f["pid"] for f in facts]
         self.facts = facts
         self.node = facts[0].get("node") or self.node
@@ -271,7 +225,7 @@ class RayGroup:
             raise GroupFailed(f"group {self.index}: rank(s) did not finish the step within "
                               f"parallel.timeout_s={self.timeout_s:.0f}s") from e
         except Exception as e:  # noqa: BLE001 - actor death, a rank's exception
-            why = _short(e)
+            why = short_error(e)
             if "timed out" in why.lower() or "timeout" in why.lower():
                 why += self._timeout_hint()
             raise GroupFailed(f"group {self.index} rank {rank}: {why}") from e
@@ -309,7 +263,7 @@ class RayGroup:
             try:
                 ray.get(refs)   # all ready: an answer or an error
             except Exception as e:  # noqa: BLE001
-                raise GroupFailed(f"group {self.index}: health check failed: {_short(e)}") from e
+                raise GroupFailed(f"group {self.index}: health check failed: {short_error(e)}") from e
             self.ping, self.last_ok = None, now
         elif now - sent > self.timeout_s:
             silent = [r for r, x in enumerate(refs) if x not in ready]

@@ -14,14 +14,15 @@ import ray
 from internlm2_tp.errors import GroupFailed, JobFailed, NodeLost, PlacementTimeout
 from internlm2_tp.job_config import JobConfig
 from internlm2_tp.parallel.platform import cluster_kind
+from internlm2_tp.runtime.cluster.pool import GroupResult
+from internlm2_tp.runtime.cluster.ray_cluster import SLICE_S, connect, worker_runtime_env
+from internlm2_tp.runtime.cluster.ray_actor import device_resources
+from internlm2_tp.runtime.cluster.ray_group import RayGroup
+from internlm2_tp.runtime.cluster.ray_metrics import RayMetrics
+from internlm2_tp.runtime.cluster.ray_nodes import node_gone
+from internlm2_tp.runtime.cluster.ray_placement import check_fits, cpus_per_rank, live_nodes, shape
+from internlm2_tp.runtime.data.rows import Request
 from internlm2_tp.runtime.interrupts import interrupt_in
-from internlm2_tp.runtime.pool import GroupResult
-from internlm2_tp.runtime.ray_cluster import SLICE_S, connect, worker_runtime_env
-from internlm2_tp.runtime.ray_group import RayGroup, device_resources
-from internlm2_tp.runtime.ray_metrics import RayMetrics
-from internlm2_tp.runtime.ray_nodes import node_gone
-from internlm2_tp.runtime.ray_placement import check_fits, cpus_per_rank, live_nodes, shape
-from internlm2_tp.runtime.rows import Request
 from internlm2_tp.runtime.worker import WorkerSpec
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ from urllib.parse import unquote
 import pyarrow.fs as pafs
 
 from internlm2_tp.errors import InputError, StorageError
-from internlm2_tp.runtime import storage
-from internlm2_tp.runtime.input_types import InputFile, InputPlan
-from internlm2_tp.runtime.storage import Location
+from internlm2_tp.runtime.data import storage
+from internlm2_tp.runtime.data.input_types import InputFile, InputPlan
+from internlm2_tp.runtime.data.storage import Location
 
 EXTENSIONS = {"parquet": (".parquet", ".parq"), "json": (".jsonl", ".json", ".ndjson")}
 _COMPRESSED = (".gz", ".bz2", ".zst")

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 
 from internlm2_tp.engine.params import row_value
 from internlm2_tp.errors import InputError
-from internlm2_tp.runtime import jsonl
-from internlm2_tp.runtime.input_types import InputColumns, InputFile, InputPlan, InputRow
+from internlm2_tp.runtime.data import jsonl
+from internlm2_tp.runtime.data.input_types import InputColumns, InputFile, InputPlan, InputRow
 def _pylist(arr: pa.Array) -> tuple[list[Any], set[int]]:
     """to_pylist, tolerating invalid UTF-8: bad elements become None and their index is reported."""
     try:

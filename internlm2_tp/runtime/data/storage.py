@@ -2,7 +2,7 @@
 pyarrow filesystem and a path in it, and the few operations the job needs on any of them: list
 with glob patterns, write a file so that it appears whole under its final name, probe that a
 prefix is writable. Every store failure becomes a ``StorageError`` naming the URI and the store's
-own message (exit code 2), never a traceback. S3-compatible stores: ``runtime.s3``; any other
+own message (exit code 2), never a traceback. S3-compatible stores: ``runtime.data.s3``; any other
 scheme pyarrow knows (gs, hdfs, abfs) through ``pyarrow.fs.FileSystem.from_uri``.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from internlm2_tp.errors import StorageError
-from internlm2_tp.runtime.s3 import s3_filesystem
+from internlm2_tp.runtime.data.s3 import s3_filesystem
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _MAGIC = re.compile(r"[*?[]")

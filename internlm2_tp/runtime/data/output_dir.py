@@ -27,8 +27,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from internlm2_tp.errors import OutputDirError, StorageError
-from internlm2_tp.runtime import storage
-from internlm2_tp.runtime.storage import Location
+from internlm2_tp.runtime.data import storage
+from internlm2_tp.runtime.data.storage import Location
 
 JOB_FILE = "_job.json"
 LEGACY_JOB_FILE = "job.json"

@@ -19,7 +19,7 @@ import ray
 
 from internlm2_tp.errors import ClusterError
 from internlm2_tp.runtime.interrupts import interrupt_in
-from internlm2_tp.runtime.ray_cluster import SLICE_S
+from internlm2_tp.runtime.cluster.ray_cluster import SLICE_S
 
 log = logging.getLogger(__name__)
 PENDING_LOG_S = 5.0

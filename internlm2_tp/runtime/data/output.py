@@ -1,7 +1,7 @@
 """Output rows and shards: the output schema (our columns, then the carried input columns),
 ``OutputRow``, and ``ShardWriter``, whose Parquet shards appear whole under their final name on a
 filesystem or an object store alike. The directory itself (layout, resume, fingerprint,
-manifest) is ``runtime.output_dir``."""
+manifest) is ``runtime.data.output_dir``."""
 from __future__ import annotations
 
 import os
@@ -15,9 +15,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from internlm2_tp.errors import OutputDirError
-from internlm2_tp.runtime import storage
-from internlm2_tp.runtime.output_dir import _PART, _RUN_ID, _W, as_location
-from internlm2_tp.runtime.storage import Location
+from internlm2_tp.runtime.data import storage
+from internlm2_tp.runtime.data.output_dir import _PART, _RUN_ID, _W, as_location
+from internlm2_tp.runtime.data.storage import Location
 
 FINISH_REASONS = ("stop", "length", "error")
 _INT32_MAX = 2**31 - 1

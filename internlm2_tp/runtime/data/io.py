@@ -1,7 +1,7 @@
-"""Input: the files of ``data.input`` (``runtime.sources``: any filesystem, Parquet or JSON Lines,
+"""Input: the files of ``data.input`` (``runtime.data.sources``: any filesystem, Parquet or JSON Lines,
 hive folders) validated up front by ``plan_input``: schemas, ids and carried columns; every
 job-level problem -> InputError before the model loads. Streaming the rows of a plan is
-``runtime.stream.iter_rows``."""
+``runtime.data.stream.iter_rows``."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 from internlm2_tp.engine.params import (BOOLEAN, INTEGER, INTEGER_LIST, NUMBER, RULES, STRING,
                                         STRING_LIST)
 from internlm2_tp.errors import InputError
-from internlm2_tp.runtime import jsonl
-from internlm2_tp.runtime.input_types import (OVERRIDE_COLUMNS, FileFacts, InputColumns, InputFile,
+from internlm2_tp.runtime.data import jsonl
+from internlm2_tp.runtime.data.input_types import (OVERRIDE_COLUMNS, FileFacts, InputColumns, InputFile,
                                               InputPlan, id_type_ok, is_list, is_str)
-from internlm2_tp.runtime.output import OUTPUT_COLUMNS
-from internlm2_tp.runtime.sources import resolve_input_files
+from internlm2_tp.runtime.data.output import OUTPUT_COLUMNS
+from internlm2_tp.runtime.data.sources import resolve_input_files
 
 _MAX_NAMED = 5
 # The Parquet column type that holds each kind of sampling value (engine/params.py), and its name.

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from internlm2_tp.engine.engine import Finished
     from internlm2_tp.runtime.metrics import MetricsSink
-    from internlm2_tp.runtime.rows import Request
+    from internlm2_tp.runtime.data.rows import Request
 
 
 @dataclass

@@ -20,8 +20,8 @@ import pyarrow.fs as pafs
 
 from internlm2_tp.engine.params import RULES
 from internlm2_tp.errors import InputError
-from internlm2_tp.runtime.input_types import OVERRIDE_COLUMNS, FileFacts, InputColumns, InputFile
-from internlm2_tp.runtime.storage import STORE_ERRORS
+from internlm2_tp.runtime.data.input_types import OVERRIDE_COLUMNS, FileFacts, InputColumns, InputFile
+from internlm2_tp.runtime.data.storage import STORE_ERRORS
 
 _CHUNK = 1 << 20
 _INFER_EVERY = 8192

@@ -13,8 +13,8 @@ from typing import Any, Collection
 
 from internlm2_tp.engine.grammar import constraint_error
 from internlm2_tp.engine.params import CONSTRAINTS, SamplingParams
-from internlm2_tp.runtime.input_types import InputRow
-from internlm2_tp.runtime.output import OutputRow
+from internlm2_tp.runtime.data.input_types import InputRow
+from internlm2_tp.runtime.data.output import OutputRow
 from internlm2_tp.tokenizer import Tokenizer
 
 

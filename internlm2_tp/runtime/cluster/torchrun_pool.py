@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 from internlm2_tp.errors import JobFailed
-from internlm2_tp.runtime.pool import GroupResult
-from internlm2_tp.runtime.rows import Request
+from internlm2_tp.runtime.cluster.pool import GroupResult
+from internlm2_tp.runtime.data.rows import Request
 from internlm2_tp.runtime.worker import Worker
 
 
