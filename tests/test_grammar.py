@@ -1,6 +1,6 @@
 """engine/grammar.py and engine/grammar_mask.py (issue 24): constraints compiled by llguidance
 over the real InternLM2 vocabulary, the masks and their bits, and the engine's constrained rows
-at tp 1 and 2 (every completion parses and validates, matches, or is one of its choices)."""
+at tp 1, 2 and 4 (every completion parses and validates, matches, or is one of its choices)."""
 from __future__ import annotations
 
 import json
@@ -150,10 +150,10 @@ def ckpt(make_ckpt, real_tokenizer):
 
 
 @pytest.mark.slow
-def test_constrained_rows_conform_and_tp1_tp2_agree(ckpt, tok) -> None:
+def test_constrained_rows_conform_and_tp1_tp2_tp4_agree(ckpt, tok) -> None:
     """Greedy and seeded rows, n=2 samples, a cache small enough to preempt: every constrained
-    completion conforms and ends with stop; tp 2 with a roomy cache (no preemption) gives the
-    same tokens."""
+    completion conforms and ends with stop; tp 2 and tp 4 (each rank masking its own vocab
+    shard) with a roomy cache (no preemption) give the same tokens."""
     reqs = _requests(tok)
     tight1, stats = run_ranks(rank_generate, 1, str(ckpt), reqs, TIGHT, torch.float32, True)[0]
     assert stats["preemptions"] > 0, "the small cache should have preempted a row"
@@ -161,6 +161,8 @@ def test_constrained_rows_conform_and_tp1_tp2_agree(ckpt, tok) -> None:
     assert len({tuple(ids) for rid, ids, _ in tight1 if rid == 8}) == 2   # two samples differ
     roomy2, stats2 = run_ranks(rank_generate, 2, str(ckpt), reqs, {}, torch.float32, True)[0]
     assert stats2["preemptions"] == 0 and roomy2 == tight1
+    roomy4, stats4 = run_ranks(rank_generate, 4, str(ckpt), reqs, {}, torch.float32, True)[0]
+    assert stats4["preemptions"] == 0 and roomy4 == tight1
 
 
 @pytest.mark.slow
