@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from internlm2_tp.config_forms import TASKS, architecture, rope_fields
-from internlm2_tp.errors import ConfigError, JobConfigError
+from internlm2_tp.errors import ConfigError, JobConfigError, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -126,12 +126,7 @@ class ModelConfig:
         if not p.is_file():
             raise ConfigError(f"{p}: config.json is missing; model.path must be a Hugging Face "
                               "checkpoint directory")
-        try:
-            raw = json.loads(p.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{p}: cannot read config.json: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: config.json must hold a JSON object")
+        raw = read_json_object(p, ConfigError)
         gen = Path(path) / "generation_config.json"
         gen_eos = None
         if gen.is_file():
@@ -187,6 +182,18 @@ class ModelConfig:
             reward_token_id=raw.get("reward_token_id"),
             source=source,
         )
+
+
+def read_json_object(path: Path, error: type[UserError]) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, adapter_config.json), or `error`
+    naming the file."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: cannot read {path.name}: {e}") from e
+    if not isinstance(raw, dict):
+        raise error(f"{path}: {path.name} must hold a JSON object")
+    return raw
 
 
 def tp_error(cfg: ModelConfig, tp: int) -> str | None:

@@ -15,7 +15,6 @@ any weight is read, naming the field or the tensor.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from internlm2_tp.checkpoint import CheckpointReader, Range
+from internlm2_tp.config import read_json_object
 from internlm2_tp.errors import CheckpointError
 
 CONFIG_FILE = "adapter_config.json"
@@ -67,12 +67,7 @@ def read_settings(path: Path, layout: str) -> LoraSettings:
     if not f.is_file():
         raise CheckpointError(f"model.lora {str(path)!r}: {CONFIG_FILE} is missing (a PEFT "
                               "adapter directory holds it beside adapter_model.safetensors)")
-    try:
-        raw = json.loads(f.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{f}: cannot read: {e}") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{f}: must hold a JSON object")
+    raw = read_json_object(f, CheckpointError)
     if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"{f}: peft_type must be LORA, got {raw.get('peft_type')!r}")
     for key, why in _REFUSED.items():
