@@ -35,6 +35,18 @@ def start_job(args: list[str], new_session: bool = False) -> subprocess.Popen:
     return p
 
 
+def start_inprocess(args: list[str]) -> subprocess.Popen:
+    """The job with one in-process rank (_job.run_inprocess: no Ray) in a process of its own,
+    to be killed mid-run."""
+    code = ("import sys; sys.path.insert(0, 'tests'); from _job import run_inprocess; "
+            f"run_inprocess({args!r})")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    _started.append(p)
+    return p
+
+
 def wait_for_parts(out: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     end = time.time() + timeout
     while time.time() < end:

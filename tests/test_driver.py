@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import glob
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from _job import job_args, run_inprocess, write_prompts
-from _procs import wait_for_parts
-from conftest import ROOT
+from _procs import start_inprocess, wait_for_parts
 
 pytestmark = pytest.mark.slow   # jobs run in-process and in a killed subprocess
 
@@ -52,11 +49,7 @@ def test_n_samples_resume_exactly_once_per_pair(ckpt, data, tmp_path):
         assert all(len(p) == 2 and p[0]["logprob"] >= p[1]["logprob"] for p in r["top_logprobs"])
 
     out = tmp_path / "out"
-    code = ("import sys; sys.path.insert(0, 'tests'); from _job import run_inprocess; "
-            f"run_inprocess({job_args(ckpt, data, out, *SAMPLED)!r})")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    proc = start_inprocess(job_args(ckpt, data, out, *SAMPLED))
     wait_for_parts(out, 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

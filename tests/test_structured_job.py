@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
 
 import jsonschema
 import pyarrow as pa
@@ -16,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from _job import job_args, read_out, run_cli, run_inprocess
-from _procs import wait_for_parts
-from conftest import ROOT
+from _procs import start_inprocess, wait_for_parts
 
 pytestmark = pytest.mark.slow   # jobs in-process, on Ray, and a killed subprocess
 
@@ -105,11 +102,7 @@ def test_tp2_on_ray_gives_the_same_tokens(tp1, ckpt, setup, ray_gcs, tmp_path):
 
 def test_killed_and_rerun_gives_the_same_rows(tp1, ckpt, setup, tmp_path):
     out = tmp_path / "out"
-    code = ("import sys; sys.path.insert(0, 'tests'); from _job import run_inprocess; "
-            f"run_inprocess({_args(ckpt, setup, out, 'engine.max_num_seqs=2')!r})")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    proc = start_inprocess(_args(ckpt, setup, out, 'engine.max_num_seqs=2'))
     wait_for_parts(out, 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
